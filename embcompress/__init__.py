@@ -1,0 +1,34 @@
+"""embcompress: shrink the token-embedding tables of text models by low-rank factorization, and measure the cost.
+
+The public API, one import away::
+
+    from embcompress import load_checkpoint, find_embeddings, factorize, FactorizedEmbedding, compress_embeddings
+"""
+
+__version__ = "0.1.0.dev0"
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .errors import EmbcompressError
+from .factorize import FactorizeResult, factorize, load_factorized
+from .modules import FactorizedEmbedding, TiedFactorizedLinear, compress_embeddings
+from .rank import rank_for_reduction
+from .summary import inspect_checkpoint
+from .tables import EmbeddingTable, find_embeddings
+
+__all__ = [
+    "Checkpoint",
+    "EmbcompressError",
+    "EmbeddingTable",
+    "FactorizeResult",
+    "FactorizedEmbedding",
+    "TiedFactorizedLinear",
+    "__version__",
+    "compress_embeddings",
+    "factorize",
+    "find_embeddings",
+    "inspect_checkpoint",
+    "load_checkpoint",
+    "load_factorized",
+    "rank_for_reduction",
+    "save_checkpoint",
+]

@@ -1,0 +1,283 @@
+"""Factorizing the embedding tables of a checkpoint, and loading a factorized checkpoint back into a model.
+
+Each chosen table W (V x d) becomes ``<name>_a`` = U_k (V x k) and ``<name>_b`` = S_k V_k^T (k x d), the paper's
+eqs. 2-4; everything else passes through unchanged. Tied copies of a table are dropped from the file and recorded
+in the metadata, so the tie survives a reload. The output is the same kind as the input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import (
+    FORMAT_VERSION,
+    META_KEY,
+    Checkpoint,
+    check_finite,
+    check_output,
+    default_output,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .errors import CheckpointError, InputError
+from .modules import TiedFactorizedLinear, factorized_shapes
+from .rank import achieved_reduction, choose_rank
+from .svd import METHODS, factorize_matrix, spectrum
+from .tables import find_embeddings
+
+
+@dataclass
+class TableResult:
+    """What happened to one table."""
+
+    name: str
+    shape: tuple[int, int]
+    dtype: str
+    rank: int
+    rank_rule: str
+    reduction_requested: float | None
+    reduction_achieved: float
+    rel_error: float
+    energy_kept: float
+    method: str
+    factors: tuple[str, str]
+    tied: dict[str, str]
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+
+@dataclass
+class FactorizeResult:
+    """The whole run: per-table results and the file-level totals."""
+
+    input: str
+    output: str
+    kind: str
+    tables: list[TableResult]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    file_bytes_before: int
+    file_bytes_after: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reduction_achieved(self) -> float:
+        """Fraction of all the file's parameters removed."""
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reduction_achieved"] = self.reduction_achieved
+        return d
+
+
+def output_tag(reduction: float | None, rank: int | None, energy: float | None) -> str:
+    """The suffix of a default output name: r90 for --reduction 0.9, k37 for --rank 37, e95 for --energy 0.95."""
+    if reduction is not None:
+        return f"r{round(reduction * 100):g}"
+    if rank is not None:
+        return f"k{rank}"
+    return f"e{round((energy or 0) * 100):g}"
+
+
+def factor_names(name: str) -> tuple[str, str]:
+    """The tensor names of a table's factors: ``<name>_a`` (V x k) and ``<name>_b`` (k x d)."""
+    return f"{name}_a", f"{name}_b"
+
+
+def factorize(
+    path: str | os.PathLike[str],
+    *,
+    reduction: float | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+    tables: list[str] | None = None,
+    method: str = "exact",
+    output: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> FactorizeResult:
+    """Factorize a checkpoint's embedding tables and write the result; return what was done.
+
+    Give exactly one of ``reduction`` (R in (0, 1); k by eq. 5), ``rank`` (k) or ``energy`` (the smallest k keeping
+    that fraction of sum s_i^2). ``output`` defaults to ``model.r90.safetensors`` (or ``<folder>-r90``) beside the
+    input. ``force`` replaces an existing output and allows a rank at or above break-even.
+    """
+    start = time.perf_counter()
+    if sum(x is not None for x in (reduction, rank, energy)) != 1:
+        raise InputError("give exactly one of --reduction, --rank or --energy")
+    if reduction is not None and not 0.0 < reduction < 1.0:
+        raise InputError(f"--reduction must be strictly between 0 and 1 (0.9 removes 90 %), got {reduction}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise InputError(f"--energy must be in (0, 1], got {energy}")
+    if method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    src = Path(path)
+    with load_checkpoint(src) as ckpt:
+        out = Path(output) if output is not None else default_output(src, output_tag(reduction, rank, energy))
+        check_output(out, [src], force=force)
+        found = find_embeddings(ckpt, tables)
+        tensors, results = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, progress)
+        meta = _metadata(ckpt, results, tensors)
+        if progress:
+            progress(f"writing {out}")
+        save_checkpoint(tensors, out, like=ckpt, metadata={META_KEY: json.dumps(meta)})
+        file_after = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*.safetensors")))
+        return FactorizeResult(
+            input=str(src),
+            output=str(out),
+            kind=ckpt.kind,
+            tables=results,
+            params_before=ckpt.total_params,
+            params_after=sum(t.numel() for t in tensors.values()),
+            bytes_before=ckpt.total_bytes,
+            bytes_after=sum(t.numel() * t.element_size() for t in tensors.values()),
+            file_bytes_before=ckpt.file_bytes,
+            file_bytes_after=file_after,
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _factorize_tables(
+    ckpt: Checkpoint,
+    found: list,
+    reduction: float | None,
+    rank: int | None,
+    energy: float | None,
+    method: str,
+    force: bool,
+    progress: Callable[[str], None] | None,
+) -> tuple[dict[str, torch.Tensor], list[TableResult]]:
+    dropped = {t.name for t in found} | {n for t in found for n in t.tied}
+    tensors = {name: ckpt.tensor(name) for name in ckpt.names if name not in dropped}
+    results = []
+    for table in found:
+        t0 = time.perf_counter()
+        if progress:
+            progress(f"factorizing {table.name} ({table.rows} x {table.cols})")
+        W = ckpt.tensor(table.name)
+        check_finite(table.name, W)
+        V, d = table.shape
+        spec = spectrum(W) if energy is not None else None
+        k = choose_rank(
+            V,
+            d,
+            reduction=reduction,
+            rank=rank,
+            energy=energy,
+            singular_values=spec.singular_values if spec is not None else None,
+            force=force,
+            table=table.name,
+        )
+        factors = factorize_matrix(W, k, method=method, spectrum=spec)
+        a_name, b_name = factor_names(table.name)
+        tensors[a_name], tensors[b_name] = factors.a.contiguous(), factors.b.contiguous()
+        del W
+        rule = "reduction" if reduction is not None else "rank" if rank is not None else "energy"
+        results.append(
+            TableResult(
+                name=table.name,
+                shape=table.shape,
+                dtype=table.dtype,
+                rank=k,
+                rank_rule=rule,
+                reduction_requested=reduction,
+                reduction_achieved=achieved_reduction(V, d, k),
+                rel_error=factors.rel_error,
+                energy_kept=max(0.0, 1.0 - factors.rel_error**2)
+                if spec is None
+                else spec.energy_kept(k),
+                method=method,
+                factors=(a_name, b_name),
+                tied=dict(table.tie_reasons),
+                bytes_before=V * d * factors.a.element_size(),
+                bytes_after=(factors.a.numel() + factors.b.numel()) * factors.a.element_size(),
+                seconds=time.perf_counter() - t0,
+            )
+        )
+    return tensors, results
+
+
+def _metadata(ckpt: Checkpoint, results: list[TableResult], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    previous = ckpt.embcompress_meta or {}
+    tables = dict(previous.get("tables") or {})
+    params_before = ckpt.total_params
+    params_after = sum(t.numel() for t in tensors.values())
+    for r in results:
+        tables[r.name] = {
+            "shape": list(r.shape),
+            "dtype": r.dtype,
+            "rank": r.rank,
+            "rank_rule": r.rank_rule,
+            "reduction_requested": r.reduction_requested,
+            "reduction_achieved": r.reduction_achieved,
+            "method": r.method,
+            "rel_error": r.rel_error,
+            "energy_kept": r.energy_kept,
+            "factors": list(r.factors),
+            "tied": r.tied,
+        }
+    return {
+        **{k: v for k, v in previous.items() if k not in ("tables", "file", "tool", "format_version")},
+        "format_version": FORMAT_VERSION,
+        "tool": f"embcompress {__version__}",
+        "tables": tables,
+        "file": {
+            "params_before": params_before,
+            "params_after": params_after,
+            "reduction_achieved": 1.0 - params_after / params_before if params_before else 0.0,
+        },
+    }
+
+
+def _module_name(tensor_name: str) -> str:
+    return tensor_name.removesuffix(".weight")
+
+
+def load_factorized(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> nn.Module:
+    """Load a factorized checkpoint into a model built with dense ``nn.Embedding`` tables.
+
+    The recorded tables are swapped for ``FactorizedEmbedding`` of the recorded ranks, recorded ties become
+    ``TiedFactorizedLinear``, then the weights load. Returns the model.
+    """
+    with load_checkpoint(path) as ckpt:
+        meta = ckpt.embcompress_meta
+        if not meta or not meta.get("tables"):
+            raise CheckpointError(f"{path}: not a factorized checkpoint (no '{META_KEY}' tables in its metadata)")
+        ranks = {_module_name(name): int(entry["rank"]) for name, entry in meta["tables"].items()}
+        try:
+            factorized_shapes(model, ranks)
+        except AttributeError as e:
+            raise CheckpointError(f"{path}: the model has no module for a recorded table ({e})") from None
+        for name, entry in meta["tables"].items():
+            emb = model.get_submodule(_module_name(name))
+            for tied in entry.get("tied") or {}:
+                mod_name = _module_name(tied)
+                try:
+                    lin = model.get_submodule(mod_name)
+                except AttributeError:
+                    continue
+                if isinstance(lin, nn.Linear):
+                    parent, _, child = mod_name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, TiedFactorizedLinear(emb, lin.bias))
+        state = ckpt.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path}: does not fit the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return model

@@ -1,0 +1,143 @@
+"""The workspace record: what each command did in this folder, so the next command can pick up where it left off.
+
+Every command that writes an artifact appends an entry to ``embcompress-workspace.json`` in the current folder:
+the command, its options, its inputs and outputs (path and sha256) and the figures it printed. A later command
+that omits an argument (``embcompress finetune --data train.jsonl`` with no model) takes it from the record, says
+so, and an explicit argument always wins. The record doubles as provenance: what was done to this model, by which
+command. ``EMBCOMPRESS_WORKSPACE`` names another record file, or ``off`` to keep none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .checkpoint import atomic_path
+from .errors import InputError
+
+RECORD_NAME = "embcompress-workspace.json"
+ENV_VAR = "EMBCOMPRESS_WORKSPACE"
+
+
+def record_path() -> Path | None:
+    """The record file in use, or None when recording is off."""
+    env = os.environ.get(ENV_VAR)
+    if env and env.lower() == "off":
+        return None
+    return Path(env) if env else Path.cwd() / RECORD_NAME
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and contents, in sorted order)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A file or folder a command read or wrote."""
+
+    role: str
+    path: str
+    sha256: str | None = None
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def load_record(path: Path | None = None) -> list[dict[str, Any]]:
+    """All entries of the record (empty when there is none)."""
+    path = path or record_path()
+    if path is None or not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = data["entries"]
+        if not isinstance(entries, list):
+            raise TypeError
+        return entries
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise InputError(f"{path}: the workspace record is unreadable; move it aside to start a new one") from None
+
+
+def record(
+    command: str,
+    *,
+    options: dict[str, Any],
+    inputs: list[tuple[str, Path]],
+    outputs: list[tuple[str, Path]],
+    figures: dict[str, Any] | None = None,
+) -> Path | None:
+    """Append one entry to the record (atomically); return the record's path, or None when recording is off."""
+    path = record_path()
+    if path is None:
+        return None
+    base = path.parent
+    entries = load_record(path)
+
+    def art(role: str, p: Path) -> dict[str, Any]:
+        return {"role": role, "path": _rel(p, base), "sha256": sha256_of(p) if p.exists() else None}
+
+    entries.append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tool": f"embcompress {__version__}",
+            "command": command,
+            "options": options,
+            "inputs": [art(r, p) for r, p in inputs],
+            "outputs": [art(r, p) for r, p in outputs],
+            "figures": figures or {},
+        }
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1, default=str), encoding="utf-8")
+    return path
+
+
+def last_artifact(role: str, *, commands: tuple[str, ...] | None = None, side: str = "outputs") -> Path | None:
+    """The most recent recorded artifact with this role (from ``outputs`` or ``inputs``) that still exists."""
+    path = record_path()
+    if path is None:
+        return None
+    for entry in reversed(load_record(path)):
+        if commands and entry.get("command") not in commands:
+            continue
+        for art in entry.get(side, []):
+            if art.get("role") == role:
+                p = Path(art["path"])
+                p = p if p.is_absolute() else path.parent / p
+                if p.exists():
+                    return p
+    return None
+
+
+def take(
+    value: Path | None, role: str, *, what: str, commands: tuple[str, ...] | None = None, side: str = "outputs"
+) -> tuple[Path, bool]:
+    """An explicit ``value`` wins; otherwise the last recorded artifact of ``role``. Returns (path, from_record).
+
+    Raises InputError naming the missing argument when neither exists.
+    """
+    if value is not None:
+        return value, False
+    found = last_artifact(role, commands=commands, side=side)
+    if found is None:
+        raise InputError(f"no {what} given and none in the workspace record ({record_path() or 'recording off'})")
+    return found, True
