@@ -57,3 +57,18 @@ def write_hf_folder(folder: Path, state: dict[str, torch.Tensor], config: dict |
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
     return folder
+
+
+def write_sentiment_jsonl(path: Path, n: int, seed: int = 0, labels: tuple = ("neg", "pos")) -> Path:
+    """A tiny, learnable two-class text set: the label is carried by a cue word among filler words."""
+    g = torch.Generator().manual_seed(seed)
+    cues = {labels[0]: ["bad", "awful", "dull"], labels[1]: ["good", "great", "fun"]}
+    filler = [f"w{i}" for i in range(40)]
+    lines = []
+    for i in range(n):
+        label = labels[i % 2]
+        words = [filler[int(j)] for j in torch.randint(0, len(filler), (6,), generator=g)]
+        words.insert(int(torch.randint(0, 6, (1,), generator=g)), cues[label][i % 3])
+        lines.append(json.dumps({"text": " ".join(words), "label": label}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -59,3 +59,16 @@ def pct(x: float, digits: int = 1) -> str:
 
 def shape(s: Any) -> str:
     return " x ".join(str(int(x)) for x in s)
+
+
+def render_training(report: Any, verb: str) -> None:
+    """Epoch history and dev accuracy before and after, for train and finetune."""
+    rows = [[h["epoch"], f"{h['train_loss']:.4f}", pct(h["dev_accuracy"], 2) if h["dev_accuracy"] is not None else "-",
+             f"{h['lr_max']:.2e}", f"{h['seconds']:.1f} s", "*" if h["is_best"] else ""] for h in report.history]
+    console.print(table(f"{verb} -> {report.output}", ["epoch", "loss", "dev accuracy", "lr max", "time", "best"],
+                        rows))
+    before = pct(report.dev_before, 2) if report.dev_before is not None else "-"
+    after = pct(report.dev_after, 2) if report.dev_after is not None else "-"
+    kind = "factorized" if report.factorized else "dense"
+    console.print(f"dev accuracy before {before}, after {after} (best epoch {report.best_epoch}); "
+                  f"{report.parameters:,} parameters ({kind} table), {report.device}, {report.seconds:.1f} s")

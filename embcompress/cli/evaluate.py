@@ -1,0 +1,44 @@
+"""``embcompress evaluate``: accuracy, macro-F1 and per-class figures of a classifier on a data file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import workspace
+from ..train.run import evaluate_classifier
+from ._options import DeviceOpt, JsonOpt
+from ._render import console, err_console, pct, print_json, table
+
+EXAMPLES = """Examples:
+
+  embcompress evaluate model.safetensors --data test.jsonl
+
+  embcompress evaluate model.r90.ft.safetensors --data test.jsonl --json
+"""
+
+
+def evaluate(
+    model: Annotated[Path | None, typer.Argument(help="A classifier (dense, factorized or fine-tuned). Default: the "
+                     "last model in the workspace record.", show_default=False)] = None,
+    data: Annotated[Path, typer.Option("--data", help="Examples to score, JSON Lines.")] = ...,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 512,
+    device: DeviceOpt = "auto",
+    json: JsonOpt = False,
+) -> None:
+    """Score a classifier: accuracy, macro-F1, precision/recall/F1 per class, and examples per second."""
+    model, recorded = workspace.take(model, "model", what="model")
+    if recorded and not json:
+        err_console.print(f"using {model} (the last model in the workspace record)")
+    report = evaluate_classifier(model, data, device=device, batch_size=batch_size)
+    if json:
+        print_json(report.to_dict())
+        return
+    r = report.result
+    console.print(f"[bold]{model}[/bold] on {data}: accuracy {pct(r.accuracy, 2)}, macro-F1 {pct(r.macro_f1, 2)}, "
+                  f"{r.num_examples} examples, {r.examples_per_second:,.0f} examples/s")
+    console.print(table("Per class", ["label", "precision", "recall", "F1", "support"],
+                        [[c.label, pct(c.precision, 2), pct(c.recall, 2), pct(c.f1, 2), c.support]
+                         for c in r.per_class]))

@@ -1,0 +1,101 @@
+"""``embcompress finetune``: keep training a (factorized) classifier to win back its accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import workspace
+from ..checkpoint import default_output
+from ..train.loop import TrainConfig, cleanup_distributed, init_distributed_from_env, is_main_process
+from ..train.run import FINETUNE_DEFAULTS, finetune_classifier
+from ._options import (
+    BatchOpt,
+    DataOpt,
+    DeviceOpt,
+    DevOpt,
+    EpochsOpt,
+    ForceOpt,
+    JsonOpt,
+    LrOpt,
+    OptimizerOpt,
+    OutputOpt,
+    ResumeOpt,
+    ScheduleOpt,
+    SeedOpt,
+    WeightDecayOpt,
+)
+from ._progress import training_progress
+from ._render import console, err_console, print_json, render_training
+
+EXAMPLES = """Examples:
+
+  embcompress finetune model.r90.safetensors --data train.jsonl --dev dev.jsonl
+
+  embcompress finetune --data train.jsonl      (the last factorized model and --dev from the workspace record)
+
+  embcompress finetune model.r90.safetensors --data train.jsonl --dev dev.jsonl -o model.r90.ft.safetensors --resume
+"""
+
+
+def finetune(
+    model: Annotated[Path | None, typer.Argument(help="A classifier from train (factorized or not). Default: the "
+                     "last factorized model in the workspace record.", show_default=False)] = None,
+    data: DataOpt = None,
+    dev: DevOpt = None,
+    output: OutputOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = 64,
+    lr: LrOpt = None,
+    optimizer: OptimizerOpt = "adam",
+    schedule: ScheduleOpt = "calr",
+    weight_decay: WeightDecayOpt = 1e-5,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Continue training a classifier ("online" recovery, the paper's method) with the CALR schedule by default.
+
+    Factorized tables keep their shapes, so the model stays small. Prints dev accuracy before and after.
+    """
+    taken = []
+    if model is None:
+        model, _ = workspace.take(None, "model", what="model", commands=("factorize",))
+        taken.append(f"model {model}")
+    if data is None:
+        data, _ = workspace.take(None, "train", what="--data", side="inputs")
+        taken.append(f"--data {data}")
+    if dev is None:
+        recorded = workspace.last_artifact("dev", side="inputs")
+        if recorded is not None:
+            dev = recorded
+            taken.append(f"--dev {dev}")
+    if taken and not json:
+        err_console.print("from the workspace record: " + ", ".join(taken))
+    out = output or default_output(model, "ft").with_suffix(".safetensors")
+    distributed = init_distributed_from_env()
+    main_process = is_main_process()  # asked before the process group is torn down
+    try:
+        config = TrainConfig(epochs=epochs or FINETUNE_DEFAULTS["epochs"], batch_size=batch_size,
+                             lr=lr or FINETUNE_DEFAULTS["lr"], optimizer=optimizer, schedule=schedule,
+                             weight_decay=weight_decay, seed=seed, device=device)
+        with training_progress(not json) as (on_step, on_epoch):
+            report = finetune_classifier(model, data, dev, out, config=config, force=force, resume=resume,
+                                         on_step=on_step, on_epoch=on_epoch)
+    finally:
+        if distributed:
+            cleanup_distributed()
+    if not main_process:
+        return
+    workspace.record("finetune", options=report.options,
+                     inputs=[("model", model), ("train", data)] + ([("dev", dev)] if dev else []),
+                     outputs=[("model", Path(report.output))],
+                     figures={"dev_before": report.dev_before, "dev_after": report.dev_after})
+    if json:
+        print_json(report)
+        return
+    render_training(report, "Fine-tuned")

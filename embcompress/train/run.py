@@ -1,0 +1,214 @@
+"""Train, fine-tune and evaluate classifiers from JSON Lines files: what ``embcompress train``, ``finetune`` and
+``evaluate`` call.
+
+Training writes one ``.safetensors`` file holding the model and its vocabulary, labels and history. After each
+epoch the resume state (weights, optimizer, schedule, RNG, best so far) is saved beside the output as
+``<output>.resume.pt`` (atomically, read back with ``weights_only=True``); ``resume=True`` continues from it
+without redoing finished epochs, and it is removed once the output is written. In a ``torchrun`` job only rank 0
+writes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import atomic_path, check_output
+from ..classifier import Classifier, load_classifier, num_parameters, save_classifier
+from ..data import LabelSet, Vocab, load_vectors, read_jsonl
+from ..errors import CheckpointError, InputError
+from ..models import build_model, init_embedding
+from .loop import EpochRecord, EvalResult, FitResult, TrainConfig, evaluate, fit, is_main_process, resolve_device
+
+# Fine-tuning a factorized model starts from trained weights: a gentler peak rate and fewer epochs than training.
+FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 2e-3}
+
+
+@dataclass
+class TrainReport:
+    """The outcome of ``train_classifier`` / ``finetune_classifier``."""
+
+    output: str
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    dev_before: float | None
+    dev_after: float | None
+    parameters: int
+    factorized: bool
+    device: str
+    seconds: float
+    resumed_from_epoch: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    """``evaluate`` on a data file, with label names."""
+
+    model: str
+    data: str
+    labels: list[Any]
+    result: EvalResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "labels": self.labels, **self.result.to_dict()}
+
+
+def resume_path(output: Path) -> Path:
+    """Where the per-epoch resume state of a run writing ``output`` lives."""
+    return output.with_name(output.name + ".resume.pt")
+
+
+def _load_resume(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"--resume: no saved state at {path} (it is written after each finished epoch)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable resume state ({str(e).splitlines()[0][:160]})") from None
+
+
+def _save_resume(state: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _fit_and_save(
+    clf: Classifier,
+    train_path: Path,
+    dev_path: Path | None,
+    config: TrainConfig,
+    output: Path,
+    *,
+    inputs: list[Path],
+    force: bool,
+    resume: bool,
+    phase: str,
+    on_step: Callable[[int, int, int, float], None] | None,
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> tuple[FitResult, float | None, int]:
+    train_ds = clf.encode(read_jsonl(train_path), config.max_len)
+    dev_ds = clf.encode(read_jsonl(dev_path), config.max_len) if dev_path is not None else None
+    state = _load_resume(resume_path(output)) if resume else None
+    done = int(state.get("epoch", 0)) if state else 0
+    dev_before = None
+    if dev_ds is not None and not state:
+        device = resolve_device(config.device)
+        dev_before = evaluate(clf.model.to(device), dev_ds, device, config.eval_batch_size).accuracy
+    elif state:
+        dev_before = state.get("dev_before")
+
+    def epoch_done(record: EpochRecord) -> None:
+        if record.state is not None and is_main_process():
+            _save_resume({**record.state, "dev_before": dev_before}, resume_path(output))
+        if on_epoch:
+            on_epoch(record)
+
+    result = fit(clf.model, train_ds, dev_ds, config, on_step=on_step, on_epoch=epoch_done, state=state)
+    clf.history = clf.history + [{"phase": phase, **r.to_dict()} for r in result.history]
+    if is_main_process():
+        save_classifier(clf, output, inputs=inputs, force=force)
+        resume_path(output).unlink(missing_ok=True)
+    return result, dev_before, done
+
+
+def train_classifier(
+    train_path: str | os.PathLike[str],
+    dev_path: str | os.PathLike[str] | None,
+    output: str | os.PathLike[str],
+    *,
+    arch: str = "dan",
+    embed_dim: int | None = None,
+    hidden_dim: int = 150,
+    dropout: float = 0.4,
+    min_count: int = 1,
+    init_vectors: str | os.PathLike[str] | None = None,
+    config: TrainConfig | None = None,
+    force: bool = False,
+    resume: bool = False,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainReport:
+    """Train a DAN or LSTM classifier from scratch and write the best-on-dev model to ``output``.
+
+    ``embed_dim`` defaults to the vectors' dimension with ``init_vectors`` (GloVe text format), else 300.
+    """
+    config = config or TrainConfig()
+    config.validate()
+    train_path, out = Path(train_path), Path(output)
+    dev = Path(dev_path) if dev_path is not None else None
+    inputs = [train_path] + ([dev] if dev else []) + ([Path(init_vectors)] if init_vectors else [])
+    check_output(out, inputs, force=force or resume)
+    examples = read_jsonl(train_path)
+    vocab = Vocab.build([ex.text for ex in examples], min_count=min_count)
+    labels = LabelSet.from_examples(examples)
+    vectors, found = (load_vectors(init_vectors, vocab, dim=embed_dim, seed=config.seed) if init_vectors
+                      else (None, 0))
+    dim = vectors.shape[1] if vectors is not None else (embed_dim or 300)
+    model_cfg: dict[str, Any] = {"arch": arch, "vocab_size": len(vocab), "embed_dim": dim,
+                                 "num_classes": len(labels), "dropout": dropout}
+    if arch == "lstm":
+        model_cfg["hidden_dim"] = hidden_dim
+    torch.manual_seed(config.seed)
+    model = build_model(model_cfg)
+    if vectors is not None:
+        init_embedding(model, vectors)
+    options = {"train": str(train_path), "dev": str(dev) if dev else None, "init_vectors": str(init_vectors)
+               if init_vectors else None, "vectors_found": found, "min_count": min_count, **config.to_dict()}
+    clf = Classifier(model, vocab, labels, train=options)
+    result, dev_before, done = _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume,
+                                             resume=resume, phase="train", on_step=on_step, on_epoch=on_epoch)
+    return TrainReport(str(out), [r.to_dict() for r in result.history], result.best_epoch, dev_before,
+                       result.best_dev_accuracy, num_parameters(model), clf.is_factorized, result.device,
+                       result.seconds, done, options)
+
+
+def finetune_classifier(
+    model_path: str | os.PathLike[str],
+    train_path: str | os.PathLike[str],
+    dev_path: str | os.PathLike[str] | None,
+    output: str | os.PathLike[str],
+    *,
+    config: TrainConfig | None = None,
+    force: bool = False,
+    resume: bool = False,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> TrainReport:
+    """Continue training a (factorized or any) classifier; factorized tables keep their shapes, so the model stays
+    small. Reports dev accuracy before and after."""
+    config = config or TrainConfig(**FINETUNE_DEFAULTS)
+    config.validate()
+    src, train_path, out = Path(model_path), Path(train_path), Path(output)
+    dev = Path(dev_path) if dev_path is not None else None
+    inputs = [src, train_path] + ([dev] if dev else [])
+    check_output(out, inputs, force=force or resume)
+    clf = load_classifier(src)
+    options = {"model": str(src), "train": str(train_path), "dev": str(dev) if dev else None, **config.to_dict()}
+    clf.train = {**clf.train, "finetune": options}
+    result, dev_before, done = _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume,
+                                             resume=resume, phase="finetune", on_step=on_step, on_epoch=on_epoch)
+    return TrainReport(str(out), [r.to_dict() for r in result.history], result.best_epoch, dev_before,
+                       result.best_dev_accuracy, num_parameters(clf.model), clf.is_factorized, result.device,
+                       result.seconds, done, options)
+
+
+def evaluate_classifier(
+    model_path: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    batch_size: int = 512,
+) -> EvalReport:
+    """Accuracy, macro-F1, per-class metrics and examples per second of a classifier on a JSON Lines file."""
+    clf = load_classifier(model_path)
+    ds = clf.encode(read_jsonl(data_path))
+    dev = resolve_device(device)
+    result = evaluate(clf.model.to(dev), ds, dev, batch_size)
+    return EvalReport(str(model_path), str(data_path), clf.labels.labels, result)

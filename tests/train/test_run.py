@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from embcompress import factorize
+from embcompress.classifier import load_classifier
+from embcompress.errors import DataError, InputError, OutputError
+from embcompress.modules import FactorizedEmbedding
+from embcompress.train.loop import TrainConfig
+from embcompress.train.run import evaluate_classifier, finetune_classifier, resume_path, train_classifier
+from tests.builders import write_sentiment_jsonl
+
+FAST = dict(batch_size=16, lr=5e-3, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, Path]:
+    return write_sentiment_jsonl(tmp_path / "train.jsonl", 160), write_sentiment_jsonl(tmp_path / "dev.jsonl", 40, 1)
+
+
+def test_train_factorize_finetune_evaluate(tmp_path: Path, data) -> None:
+    train, dev = data
+    report = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=16,
+                              config=TrainConfig(epochs=8, **FAST))
+    assert report.dev_after >= 0.75 and report.dev_after > report.dev_before + 0.15
+    clf = load_classifier(report.output)
+    assert clf.labels.labels == ["neg", "pos"] and len(clf.history) == 8
+    small = factorize(report.output, rank=2).output
+    ft = finetune_classifier(small, train, dev, tmp_path / "ft.safetensors", config=TrainConfig(epochs=2, **FAST))
+    assert ft.factorized and ft.dev_before is not None and ft.dev_after >= ft.dev_before
+    tuned = load_classifier(ft.output)
+    assert isinstance(tuned.model.embedding, FactorizedEmbedding) and tuned.model.embedding.rank == 2
+    assert tuned.factorization is not None  # the factorize record travels with the fine-tuned file
+    assert [h["phase"] for h in tuned.history] == ["train"] * 8 + ["finetune"] * 2
+    ev = evaluate_classifier(ft.output, dev, device="cpu")
+    assert ev.result.accuracy == pytest.approx(ft.dev_after)
+    assert not resume_path(Path(ft.output)).exists()
+
+
+def test_same_seed_same_model(tmp_path: Path, data) -> None:
+    train, dev = data
+    outs = [train_classifier(train, dev, tmp_path / f"m{i}.safetensors", embed_dim=8,
+                             config=TrainConfig(epochs=2, seed=3, **FAST)).output for i in range(2)]
+    a, b = (load_classifier(o).model.state_dict() for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_interruption_keeps_finished_epochs(tmp_path: Path, data) -> None:
+    train, dev = data
+    out = tmp_path / "m.safetensors"
+    config = TrainConfig(epochs=3, **FAST)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(rec):
+        if rec.epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_classifier(train, dev, out, embed_dim=8, config=config, on_epoch=interrupt)
+    assert resume_path(out).exists() and not out.exists()
+    resumed = train_classifier(train, dev, out, embed_dim=8, config=config, resume=True)
+    assert resumed.resumed_from_epoch == 2
+    straight = train_classifier(train, dev, tmp_path / "s.safetensors", embed_dim=8, config=config)
+    a, b = load_classifier(out).model.state_dict(), load_classifier(straight.output).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not resume_path(out).exists()
+
+
+def test_errors(tmp_path: Path, data) -> None:
+    train, dev = data
+    with pytest.raises(InputError, match="no saved state"):
+        train_classifier(train, dev, tmp_path / "x.safetensors", config=TrainConfig(epochs=1, **FAST), resume=True)
+    out = tmp_path / "m.safetensors"
+    train_classifier(train, None, out, embed_dim=4, config=TrainConfig(epochs=1, **FAST))
+    with pytest.raises(OutputError, match="already exists"):
+        train_classifier(train, None, out, config=TrainConfig(epochs=1, **FAST))
+    unseen = tmp_path / "unseen.jsonl"
+    unseen.write_text('{"text": "good", "label": "pos"}\n{"text": "meh", "label": "neutral"}\n')
+    with pytest.raises(DataError, match=r"unseen.jsonl:2"):
+        evaluate_classifier(out, unseen, device="cpu")
