@@ -1,0 +1,35 @@
+"""onnxruntime, an optional dependency: imported on demand, with a message naming the extra when it is missing.
+
+Two PyPI packages provide the ``onnxruntime`` module: ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` (CUDA, runs on
+CPU too). They clash when both are installed, so the project offers them as the extras ``[onnxruntime]`` and
+``[onnxruntime-gpu]`` and never requires both.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import DependencyError
+
+MISSING = (
+    "onnxruntime is not installed: pip install 'embcompress[onnxruntime]' (CPU) or "
+    "'embcompress[onnxruntime-gpu]' (CUDA), not both"
+)
+
+
+def import_onnxruntime() -> ModuleType:
+    """The ``onnxruntime`` module, or DependencyError naming the extras to install."""
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError:
+        raise DependencyError(MISSING) from None
+
+
+def execution_providers(device: str = "auto") -> list[str]:
+    """onnxruntime providers for a device: CUDA first where it is available and asked for, CPU always last."""
+    ort = import_onnxruntime()
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
