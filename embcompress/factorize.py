@@ -29,6 +29,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .device import resolve_device
 from .errors import CheckpointError, InputError
 from .modules import TiedFactorizedLinear, factorized_shapes
 from .rank import achieved_reduction, choose_rank
@@ -109,13 +110,15 @@ def factorize(
     method: str = "exact",
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
+    device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> FactorizeResult:
     """Factorize a checkpoint's embedding tables and write the result; return what was done.
 
     Give exactly one of ``reduction`` (R in (0, 1); k by eq. 5), ``rank`` (k) or ``energy`` (the smallest k keeping
     that fraction of sum s_i^2). ``output`` defaults to ``model.r90.safetensors`` (or ``<folder>-r90``) beside the
-    input. ``force`` replaces an existing output and allows a rank at or above break-even.
+    input. ``force`` replaces an existing output and allows a rank at or above break-even. ``device`` runs the SVD
+    there (``auto``: CUDA where present); the factors are written from the CPU.
     """
     start = time.perf_counter()
     if sum(x is not None for x in (reduction, rank, energy)) != 1:
@@ -127,11 +130,12 @@ def factorize(
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     src = Path(path)
+    dev = resolve_device(device)
     with load_checkpoint(src) as ckpt:
         out = Path(output) if output is not None else default_output(src, output_tag(reduction, rank, energy))
         check_output(out, [src], force=force)
         found = find_embeddings(ckpt, tables)
-        tensors, results = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, progress)
+        tensors, results = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, dev, progress)
         meta = _metadata(ckpt, results, tensors)
         if progress:
             progress(f"writing {out}")
@@ -160,6 +164,7 @@ def _factorize_tables(
     energy: float | None,
     method: str,
     force: bool,
+    device: torch.device,
     progress: Callable[[str], None] | None,
 ) -> tuple[dict[str, torch.Tensor], list[TableResult]]:
     dropped = {t.name for t in found} | {n for t in found for n in t.tied}
@@ -169,7 +174,7 @@ def _factorize_tables(
         t0 = time.perf_counter()
         if progress:
             progress(f"factorizing {table.name} ({table.rows} x {table.cols})")
-        W = ckpt.tensor(table.name)
+        W = ckpt.tensor(table.name).to(device)
         check_finite(table.name, W)
         V, d = table.shape
         spec = spectrum(W) if energy is not None else None
@@ -185,7 +190,7 @@ def _factorize_tables(
         )
         factors = factorize_matrix(W, k, method=method, spectrum=spec)
         a_name, b_name = factor_names(table.name)
-        tensors[a_name], tensors[b_name] = factors.a.contiguous(), factors.b.contiguous()
+        tensors[a_name], tensors[b_name] = factors.a.contiguous().cpu(), factors.b.contiguous().cpu()
         del W
         rule = "reduction" if reduction is not None else "rank" if rank is not None else "energy"
         results.append(

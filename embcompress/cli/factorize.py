@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .. import workspace
 from ..factorize import factorize as factorize_checkpoint
-from ._options import CheckpointArg, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
+from ._options import CheckpointArg, DeviceOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
 from ._render import console, err_console, human_bytes, pct, print_json, shape, table
 
 EXAMPLES = """Examples:
@@ -36,6 +37,7 @@ def factorize(
                       "(streaming, for tables beyond memory).")] = "exact",
     tables: TablesOpt = None,
     output: OutputOpt = None,
+    device: DeviceOpt = "auto",
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -50,7 +52,7 @@ def factorize(
     try:
         result = factorize_checkpoint(
             path, reduction=reduction, rank=rank, energy=energy, tables=split_list(tables), method=method,
-            output=output, force=force, progress=(lambda msg: status.update(msg)) if status else None,
+            output=output, force=force, device=device, progress=(lambda msg: status.update(msg)) if status else None,
         )
     finally:
         if status:
@@ -62,8 +64,6 @@ def factorize(
         "tables": {t.name: {"rank": t.rank, "rel_error": t.rel_error, "reduction_achieved": t.reduction_achieved}
                    for t in result.tables},
     }
-    from pathlib import Path
-
     workspace.record(
         "factorize",
         options={"reduction": reduction, "rank": rank, "energy": energy, "method": method,

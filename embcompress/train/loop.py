@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import EncodedDataset, collate, iter_batches
+from ..device import is_distributed, resolve_device
 from ..errors import InputError
 from .schedules import SCHEDULES, make_schedule
 
@@ -205,11 +206,6 @@ def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
 
 
-def is_distributed() -> bool:
-    """Whether a ``torch.distributed`` process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
 def is_main_process() -> bool:
     """True outside distributed runs, and on rank 0 inside one."""
     return not is_distributed() or dist.get_rank() == 0
@@ -242,31 +238,6 @@ def cleanup_distributed() -> None:
     """Destroy the process group if one is initialised."""
     if is_distributed():
         dist.destroy_process_group()
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cpu``; ``cuda`` / ``cuda:N`` (InputError when unavailable).
-
-    Plain ``cuda`` means this process's GPU: LOCAL_RANK's in a distributed run, else the current device.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise InputError(f"device {name!r} asked for, but CUDA is not available (use --device cpu or auto)")
-        if name == "cuda":
-            index = int(os.environ["LOCAL_RANK"]) if is_distributed() and "LOCAL_RANK" in os.environ else None
-            return torch.device("cuda", torch.cuda.current_device() if index is None else index)
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise InputError(f"bad device {name!r}") from None
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist")
-        return device
-    raise InputError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)")
 
 
 def _resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

@@ -158,3 +158,9 @@ def test_help_ends_with_examples(capsys) -> None:
     code, out, _ = run(capsys, "factorize", "--help")
     assert code == 0
     assert out.rstrip().splitlines()[-1].strip().startswith("embcompress factorize")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(capsys, dan_file: Path) -> None:
+    code, _, err = run(capsys, "factorize", dan_file, "-r", "0.5", "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err and err.count("\n") == 1
