@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 from contextlib import contextmanager
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..train.loop import EpochRecord, is_main_process
+from ..train.loop import EpochRecord, cleanup_distributed, init_distributed_from_env, is_main_process
 from ._render import err_console
 
 StepFn = Callable[[int, int, int, float], None]
 EpochFn = Callable[[EpochRecord], None]
+T = TypeVar("T")
 
 
 @contextmanager
@@ -56,3 +58,16 @@ def training_progress(enabled: bool = True) -> Iterator[tuple[StepFn | None, Epo
     finally:
         if started:
             progress.stop()
+
+
+def run_training(fn: Callable[[StepFn | None, EpochFn | None], T], *, show: bool = True) -> tuple[T, bool]:
+    """Run ``fn(on_step, on_epoch)`` inside torchrun's process group when launched by torchrun, with a progress bar
+    on rank 0; return its result and whether this process is the one that writes and prints (rank 0)."""
+    distributed = init_distributed_from_env()
+    main_process = is_main_process()  # asked before the process group is torn down
+    try:
+        with training_progress(show) as (on_step, on_epoch):
+            return fn(on_step, on_epoch), main_process
+    finally:
+        if distributed:
+            cleanup_distributed()

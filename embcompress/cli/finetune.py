@@ -9,7 +9,7 @@ import typer
 
 from .. import workspace
 from ..checkpoint import default_output
-from ..train.loop import TrainConfig, cleanup_distributed, init_distributed_from_env, is_main_process
+from ..train.loop import TrainConfig
 from ..train.run import FINETUNE_DEFAULTS, finetune_classifier
 from ._options import (
     BatchOpt,
@@ -27,7 +27,7 @@ from ._options import (
     SeedOpt,
     WeightDecayOpt,
 )
-from ._progress import training_progress
+from ._progress import run_training
 from ._render import console, err_console, print_json, render_training
 
 EXAMPLES = """Examples:
@@ -77,18 +77,14 @@ def finetune(
     if taken and not json:
         err_console.print("from the workspace record: " + ", ".join(taken))
     out = output or default_output(model, "ft").with_suffix(".safetensors")
-    distributed = init_distributed_from_env()
-    main_process = is_main_process()  # asked before the process group is torn down
-    try:
-        config = TrainConfig(epochs=epochs or FINETUNE_DEFAULTS["epochs"], batch_size=batch_size,
-                             lr=lr or FINETUNE_DEFAULTS["lr"], optimizer=optimizer, schedule=schedule,
-                             weight_decay=weight_decay, seed=seed, device=device)
-        with training_progress(not json) as (on_step, on_epoch):
-            report = finetune_classifier(model, data, dev, out, config=config, force=force, resume=resume,
-                                         on_step=on_step, on_epoch=on_epoch)
-    finally:
-        if distributed:
-            cleanup_distributed()
+    config = TrainConfig(epochs=epochs or FINETUNE_DEFAULTS["epochs"], batch_size=batch_size,
+                         lr=lr or FINETUNE_DEFAULTS["lr"], optimizer=optimizer, schedule=schedule,
+                         weight_decay=weight_decay, seed=seed, device=device)
+    report, main_process = run_training(
+        lambda on_step, on_epoch: finetune_classifier(model, data, dev, out, config=config, force=force, resume=resume,
+                                                      on_step=on_step, on_epoch=on_epoch),
+        show=not json,
+    )
     if not main_process:
         return
     workspace.record("finetune", options=report.options,

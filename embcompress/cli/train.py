@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import workspace
-from ..train.loop import TrainConfig, cleanup_distributed, init_distributed_from_env, is_main_process
+from ..train.loop import TrainConfig
 from ..train.run import train_classifier
 from ._options import (
     BatchOpt,
@@ -25,7 +25,7 @@ from ._options import (
     SeedOpt,
     WeightDecayOpt,
 )
-from ._progress import training_progress
+from ._progress import run_training
 from ._render import console, print_json, render_training
 
 EXAMPLES = """Examples:
@@ -68,19 +68,15 @@ def train(
     """Train a DAN or LSTM text classifier; the best epoch on --dev is kept. The output holds the weights,
     vocabulary, labels and history: finetune, evaluate and export need nothing else."""
     data, from_record = workspace.take(data, "train", what="--data", side="inputs")
-    distributed = init_distributed_from_env()
-    main_process = is_main_process()  # asked before the process group is torn down
-    try:
-        config = TrainConfig(epochs=epochs or TrainConfig.epochs, batch_size=batch_size, lr=lr or TrainConfig.lr,
-                             optimizer=optimizer, schedule=schedule, weight_decay=weight_decay, seed=seed,
-                             device=device)
-        with training_progress(not json) as (on_step, on_epoch):
-            report = train_classifier(data, dev, output, arch=model, embed_dim=embed_dim, hidden_dim=hidden_dim,
-                                      dropout=dropout, min_count=min_count, init_vectors=init_vectors, config=config,
-                                      force=force, resume=resume, on_step=on_step, on_epoch=on_epoch)
-    finally:
-        if distributed:
-            cleanup_distributed()
+    config = TrainConfig(epochs=epochs or TrainConfig.epochs, batch_size=batch_size, lr=lr or TrainConfig.lr,
+                         optimizer=optimizer, schedule=schedule, weight_decay=weight_decay, seed=seed, device=device)
+    report, main_process = run_training(
+        lambda on_step, on_epoch: train_classifier(
+            data, dev, output, arch=model, embed_dim=embed_dim, hidden_dim=hidden_dim, dropout=dropout,
+            min_count=min_count, init_vectors=init_vectors, config=config, force=force, resume=resume,
+            on_step=on_step, on_epoch=on_epoch),
+        show=not json,
+    )
     if not main_process:
         return
     workspace.record("train", options=report.options, inputs=[("train", data)] + ([("dev", dev)] if dev else []),

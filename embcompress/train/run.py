@@ -24,7 +24,7 @@ from ..classifier import Classifier, load_classifier, num_parameters, save_class
 from ..data import LabelSet, Vocab, load_vectors, read_jsonl
 from ..errors import CheckpointError, InputError
 from ..models import build_model, init_embedding
-from .loop import EpochRecord, EvalResult, FitResult, TrainConfig, evaluate, fit, is_main_process, resolve_device
+from .loop import EpochRecord, EvalResult, TrainConfig, evaluate, fit, is_main_process, resolve_device
 
 # Fine-tuning a factorized model starts from trained weights: a gentler peak rate and fewer epochs than training.
 FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 2e-3}
@@ -90,9 +90,10 @@ def _fit_and_save(
     force: bool,
     resume: bool,
     phase: str,
+    options: dict[str, Any],
     on_step: Callable[[int, int, int, float], None] | None,
     on_epoch: Callable[[EpochRecord], None] | None,
-) -> tuple[FitResult, float | None, int]:
+) -> TrainReport:
     train_ds = clf.encode(read_jsonl(train_path), config.max_len)
     dev_ds = clf.encode(read_jsonl(dev_path), config.max_len) if dev_path is not None else None
     state = _load_resume(resume_path(output)) if resume else None
@@ -115,7 +116,9 @@ def _fit_and_save(
     if is_main_process():
         save_classifier(clf, output, inputs=inputs, force=force)
         resume_path(output).unlink(missing_ok=True)
-    return result, dev_before, done
+    return TrainReport(str(output), [r.to_dict() for r in result.history], result.best_epoch, dev_before,
+                       result.best_dev_accuracy, num_parameters(clf.model), clf.is_factorized, result.device,
+                       result.seconds, done, options)
 
 
 def train_classifier(
@@ -162,11 +165,8 @@ def train_classifier(
     options = {"train": str(train_path), "dev": str(dev) if dev else None, "init_vectors": str(init_vectors)
                if init_vectors else None, "vectors_found": found, "min_count": min_count, **config.to_dict()}
     clf = Classifier(model, vocab, labels, train=options)
-    result, dev_before, done = _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume,
-                                             resume=resume, phase="train", on_step=on_step, on_epoch=on_epoch)
-    return TrainReport(str(out), [r.to_dict() for r in result.history], result.best_epoch, dev_before,
-                       result.best_dev_accuracy, num_parameters(model), clf.is_factorized, result.device,
-                       result.seconds, done, options)
+    return _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume, resume=resume,
+                         phase="train", options=options, on_step=on_step, on_epoch=on_epoch)
 
 
 def finetune_classifier(
@@ -192,11 +192,8 @@ def finetune_classifier(
     clf = load_classifier(src)
     options = {"model": str(src), "train": str(train_path), "dev": str(dev) if dev else None, **config.to_dict()}
     clf.train = {**clf.train, "finetune": options}
-    result, dev_before, done = _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume,
-                                             resume=resume, phase="finetune", on_step=on_step, on_epoch=on_epoch)
-    return TrainReport(str(out), [r.to_dict() for r in result.history], result.best_epoch, dev_before,
-                       result.best_dev_accuracy, num_parameters(clf.model), clf.is_factorized, result.device,
-                       result.seconds, done, options)
+    return _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume, resume=resume,
+                         phase="finetune", options=options, on_step=on_step, on_epoch=on_epoch)
 
 
 def evaluate_classifier(
