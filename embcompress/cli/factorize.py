@@ -8,8 +8,11 @@ from typing import Annotated
 import typer
 
 from .. import workspace
+from ..budget import rank_for_budget
+from ..errors import InputError
 from ..factorize import factorize as factorize_checkpoint
-from ._options import CheckpointArg, DeviceOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
+from ..train.loop import TrainConfig
+from ._options import CheckpointArg, DataOpt, DeviceOpt, DevOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
 from ._render import console, err_console, human_bytes, pct, print_json, shape, table
 
 EXAMPLES = """Examples:
@@ -21,6 +24,8 @@ EXAMPLES = """Examples:
   embcompress factorize model.safetensors --rank 64 --tables embedding.weight -o model.k64.safetensors --force
 
   embcompress factorize model.safetensors --energy 0.95 --method randomized
+
+  embcompress factorize dan.safetensors --max-drop 0.01 --dev dev.jsonl --data train.jsonl --finetune-epochs 1
 """
 
 
@@ -35,6 +40,13 @@ def factorize(
                       "spectral energy sum(s_i^2), in (0, 1].", show_default=False)] = None,
     method: Annotated[str, typer.Option("--method", help="exact (Gram route, optimal) or randomized "
                       "(streaming, for tables beyond memory).")] = "exact",
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of a rule: the smallest k whose "
+                        "dev accuracy stays within this many accuracy points (a fraction: 0.01 = 1 point) of the "
+                        "original classifier's, found by bisection over k.", show_default=False)] = None,
+    dev: DevOpt = None,
+    data: DataOpt = None,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="With --max-drop: fine-tune each "
+                               "candidate this many epochs on --data before scoring it.")] = 0,
     tables: TablesOpt = None,
     output: OutputOpt = None,
     device: DeviceOpt = "auto",
@@ -43,9 +55,13 @@ def factorize(
 ) -> None:
     """Factorize each embedding table W (V x d) into W_a = U_k (V x k) and W_b = S_k V_k^T (k x d).
 
-    Give exactly one of --reduction, --rank or --energy. The output is the same kind as the input (a file, or a
+    Give exactly one of --reduction, --rank, --energy or --max-drop (with --dev, for classifiers). The output is the same kind as the input (a file, or a
     model folder with its config and tokenizer); its metadata records what was done.
     """
+    if max_drop is not None:
+        _budget(path, max_drop, dev, data, finetune_epochs, output, force, device, json,
+                others=(reduction, rank, energy))
+        return
     status = err_console.status("reading checkpoint", spinner="dots") if not json else None
     if status:
         status.start()
@@ -90,3 +106,41 @@ def factorize(
         f"(R = {pct(result.reduction_achieved)}), {human_bytes(result.file_bytes_before)} -> "
         f"{human_bytes(result.file_bytes_after)} on disk, in {result.seconds:.1f} s"
     )
+
+
+def _budget(path: Path, max_drop: float, dev: Path | None, data: Path | None, epochs: int, output: Path | None,
+            force: bool, device: str, json: bool, others: tuple) -> None:
+    if any(x is not None for x in others):
+        raise InputError("give --max-drop alone, without --reduction, --rank or --energy")
+    if dev is None:
+        raise InputError("--max-drop needs --dev (the examples that measure the drop)")
+    status = err_console.status("bisecting over k", spinner="dots") if not json else None
+    if status:
+        status.start()
+    try:
+        result = rank_for_budget(
+            path, dev, max_drop=max_drop, train_path=data, finetune_epochs=epochs, output=output, force=force,
+            config=TrainConfig(lr=2e-3, device=device),
+            progress=(lambda t: status.update(f"k = {t.rank}: dev accuracy {100 * t.dev_accuracy:.2f} %"))
+            if status else None,
+        )
+    finally:
+        if status:
+            status.stop()
+    workspace.record(
+        "factorize",
+        options={"max_drop": max_drop, "finetune_epochs": epochs},
+        inputs=[("model", path), ("dev", dev)] + ([("train", data)] if data else []),
+        outputs=[("model", Path(result.output))],
+        figures={"rank": result.rank, "dev_accuracy": result.dev_accuracy, "baseline": result.baseline_dev_accuracy},
+    )
+    if json:
+        print_json(result)
+        return
+    console.print(table(f"Bisection over k (budget: dev accuracy >= {pct(result.baseline_dev_accuracy, 2)} - "
+                        f"{100 * max_drop:g} points)",
+                        ["k", "R", "dev accuracy", "within budget"],
+                        [[t.rank, pct(t.reduction), pct(t.dev_accuracy, 2), "yes" if t.within_budget else "no"]
+                         for t in result.trials]))
+    console.print(f"chose k = {result.rank} (R = {pct(result.reduction)}), dev accuracy "
+                  f"{pct(result.dev_accuracy, 2)}; wrote {result.output}")

@@ -164,3 +164,10 @@ def test_help_ends_with_examples(capsys) -> None:
 def test_cuda_without_cuda_is_one_line(capsys, dan_file: Path) -> None:
     code, _, err = run(capsys, "factorize", dan_file, "-r", "0.5", "--device", "cuda")
     assert code == 2 and "CUDA is not available" in err and err.count("\n") == 1
+
+
+def test_max_drop_alone_and_needs_dev(capsys, dan_file: Path) -> None:
+    code, _, err = run(capsys, "factorize", dan_file, "--max-drop", "0.01", "-r", "0.5")
+    assert code == 2 and "alone" in err
+    code, _, err = run(capsys, "factorize", dan_file, "--max-drop", "0.01")
+    assert code == 2 and "needs --dev" in err
