@@ -25,7 +25,7 @@ EXAMPLES = """Examples:
 
   embcompress factorize model.safetensors --energy 0.95 --method randomized
 
-  embcompress factorize dan.safetensors --max-drop 0.01 --dev dev.jsonl --data train.jsonl --finetune-epochs 1
+  embcompress factorize dan.safetensors --max-drop 0.01 --dev dev.jsonl
 """
 
 
