@@ -23,6 +23,7 @@ from .data import EncodedDataset, Example, LabelSet, Vocab, encode_examples
 from .errors import CheckpointError
 from .models import build_model, model_config
 from .modules import factorized_shapes
+from .quant import dequantized_state_dict
 
 MODEL_META_KEY = "embcompress.model"
 
@@ -57,7 +58,8 @@ def factorized_ranks(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
 
 
 def load_classifier(path: str | os.PathLike[str]) -> Classifier:
-    """Read a classifier written by ``save_classifier`` (dense, factorized, or fine-tuned after factorizing)."""
+    """Read a classifier written by ``save_classifier`` (dense, factorized, or fine-tuned after factorizing), or
+    by ``quantize`` from one (dequantized: the model is float32)."""
     with load_checkpoint(path) as ckpt:
         raw = ckpt.metadata.get(MODEL_META_KEY)
         if raw is None:
@@ -75,7 +77,7 @@ def load_classifier(path: str | os.PathLike[str]) -> Classifier:
         ranks = factorized_ranks({n: i.shape for n, i in ckpt.infos.items()})
         if ranks:
             factorized_shapes(model, ranks)
-        state = ckpt.state_dict()
+        state = dequantized_state_dict(ckpt)  # a quantized file (embcompress quantize) loads as float
         factorization = ckpt.metadata.get(META_KEY)
     try:
         model.load_state_dict(state)

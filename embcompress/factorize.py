@@ -32,6 +32,7 @@ from .checkpoint import (
 from .device import resolve_device
 from .errors import CheckpointError, InputError
 from .modules import TiedFactorizedLinear, factorized_shapes
+from .quant import dequantized_state_dict, quant_meta
 from .rank import achieved_reduction, choose_rank
 from .svd import METHODS, factorize_matrix, spectrum
 from .tables import find_embeddings
@@ -132,6 +133,10 @@ def factorize(
     src = Path(path)
     dev = resolve_device(device)
     with load_checkpoint(src) as ckpt:
+        quantized = quant_meta(ckpt)  # --- quantized input (embcompress quantize) is refused
+        if quantized is not None:
+            raise InputError(f"{src}: the checkpoint is quantized ({quantized.get('bits')}-bit); factorize before "
+                             "quantizing (factorize the float model, then quantize the result)")
         out = Path(output) if output is not None else default_output(src, output_tag(reduction, rank, energy))
         check_output(out, [src], force=force)
         found = find_embeddings(ckpt, tables)
@@ -279,7 +284,7 @@ def load_factorized(model: nn.Module, path: str | os.PathLike[str], *, strict: b
                 if isinstance(lin, nn.Linear):
                     parent, _, child = mod_name.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child, TiedFactorizedLinear(emb, lin.bias))
-        state = ckpt.state_dict()
+        state = dequantized_state_dict(ckpt)  # a factorized file quantized afterwards loads as float
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(

@@ -1,8 +1,11 @@
 """What ``embcompress inspect`` reports: the tensors by group, the embedding tables found, and what factorizing
-each would cost at a few reductions (rank, bytes saved, spectral energy kept)."""
+each would cost at a few reductions (rank, bytes saved, spectral energy kept), with the cost model of
+``embcompress.cost`` (bytes and multiply-adds of the dense, int8/fp16, factorized and factorized + quantized
+layouts, and the break-even ranks)."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -10,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import check_finite, load_checkpoint
+from .cost import compare_layouts
 from .errors import TableError
+from .quant import quant_meta, quantization_error
 from .rank import achieved_reduction, rank_for_reduction
 from .svd import spectrum
 from .tables import find_embeddings
@@ -52,6 +57,7 @@ class TableSummary:
     reason: str
     tied: dict[str, str]
     projections: list[Projection] = field(default_factory=list)
+    cost: dict[str, Any] | None = None  # embcompress.cost.CostReport.to_dict(): layouts and break-even ranks
 
 
 @dataclass
@@ -66,6 +72,7 @@ class InspectReport:
     tables: list[TableSummary]
     factorized: dict[str, Any]
     note: str | None = None
+    quantized: dict[str, Any] = field(default_factory=dict)  # the embcompress.quant record of a quantized file
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,9 +137,18 @@ def inspect_checkpoint(
                 kept = spec.energy_kept(k)
                 saved = round(info.nbytes * achieved_reduction(V, d, k))
                 summary.projections.append(Projection(r, k, saved, kept, max(0.0, 1.0 - kept) ** 0.5))
+            # --- cost model (embcompress.cost): measured int8/fp16 errors, Eckart-Young errors from the spectrum
+            bits = W.element_size() * 8
+            errors = {b: e for b in (8, 16) if b < bits and math.isfinite(e := quantization_error(W, b))}
+            summary.cost = compare_layouts(V, d, bits=bits, reductions=reductions, energy_kept=spec.energy_kept,
+                                           quant_errors=errors).to_dict()
             summaries.append(summary)
             del W
         meta = ckpt.embcompress_meta or {}
+        quantized = quant_meta(ckpt) or {}
+        if quantized and not summaries and not tables:
+            note = (f"quantized file ({quantized.get('bits')}-bit): its tables are stored quantized; inspect the "
+                    "float model for the cost model")
         return InspectReport(
             path=str(path),
             kind=ckpt.kind,
@@ -144,4 +160,5 @@ def inspect_checkpoint(
             tables=summaries,
             factorized=meta.get("tables") or {},
             note=note,
+            quantized=quantized,
         )

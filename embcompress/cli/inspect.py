@@ -31,7 +31,8 @@ def inspect(
     json: JsonOpt = False,
 ) -> None:
     """Show the tensors by group, the embedding tables found, and the rank, bytes saved and spectral energy kept
-    when each table is factorized at R = 50, 70 and 90 %."""
+    when each table is factorized at R = 50, 70 and 90 %, with the cost model: bytes and multiply-adds per token of
+    the dense, int8/fp16, factorized and factorized + quantized table, and the break-even ranks."""
     path, recorded = workspace.take(path, "model", what="checkpoint")
     if recorded:
         err_console.print(f"using {path} (the last model in the workspace record)")
@@ -61,6 +62,10 @@ def inspect(
                   e["method"]] for n, e in report.factorized.items()],
             )
         )
+    if report.quantized:
+        q = report.quantized
+        console.print(f"quantized ({q.get('bits')}-bit) by embcompress quantize: {len(q['tensors'])} tensors "
+                      "(metadata 'embcompress.quant'); loaders dequantize them")
     if not report.tables:
         console.print(f"[yellow]{report.note or 'no embedding table found'}[/yellow]")
         return
@@ -79,3 +84,33 @@ def inspect(
                         rows))
     console.print("energy kept = sum of the top-k squared singular values / sum of all; rel. error = "
                   "||W - W_a W_b||_F / ||W||_F = sqrt(1 - energy kept)")
+    _print_cost(report)
+
+
+def _print_cost(report) -> None:
+    """The cost model (embcompress.cost) of each table: bytes and multiply-adds per token of every layout."""
+    rows = [[t.name, r["name"], r["rank"] or "-", human_bytes(r["bytes"]), f"{r['ratio']:.3f}",
+             f"{r['lookup_macs']:,}", f"{r['output_macs']:,}",
+             f"{r['rel_error']:.4f}" if r["rel_error"] is not None else "-"]
+            for t in report.tables if t.cost for r in t.cost["rows"]]
+    if not rows:
+        return
+    console.print(table("Cost model (section 4 of the paper; MACs = multiply-adds per token)",
+                        ["table", "layout", "k", "bytes", "x dense", "lookup MACs", "output MACs", "rel. error"],
+                        rows))
+    for t in report.tables:
+        c = t.cost
+        if not c:
+            continue
+        console.print(
+            f"{t.name}: factorizing saves parameters and output-layer MACs iff k < V d / (V + d) = "
+            f"{c['params_break_even_rank']:.1f}; a factorized lookup costs k x {c['lookup_extra_macs_per_rank']} "
+            "MACs per token more than a gather"
+        )
+        for e in c["equal_bytes"]:
+            verdict = ""
+            if e["factor_rel_error"] is not None and e["quant_rel_error"] is not None:
+                verdict = (f": at k = {e['factor_rank']} rel. error {e['factor_rel_error']:.4f} vs "
+                           f"{e['quant_rel_error']:.4f}, {e['winner']} wins at equal bytes")
+            console.print(f"  {c['bits']}-bit factors take fewer bytes than the {e['quant_bits']}-bit table iff "
+                          f"k < {e['rank']:.1f} (R > {pct(e['reduction'])}){verdict}")
