@@ -358,6 +358,12 @@ def check_output(out: Path, inputs: list[Path], *, force: bool = False) -> None:
         raise OutputError(f"{parent}: output folder is not writable")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(out: Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success rename it onto ``out``, on failure remove it.
@@ -377,6 +383,7 @@ def atomic_path(out: Path, *, directory: bool = False) -> Iterator[Path]:
         raise OutputError(f"{parent}: cannot write there ({_one_line(e)})") from None
     try:
         yield tmp
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp makes 0600; give the usual mode
         if directory and out.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
             old.rmdir()

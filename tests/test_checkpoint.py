@@ -144,3 +144,12 @@ def test_other_dtypes_pass_through(tmp_path: Path) -> None:
     with load_checkpoint(path) as ckpt:
         assert ckpt.infos["emb.weight"].dtype == "BF16"
         assert ckpt.infos["emb.weight"].nbytes == 800
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    with atomic_path(out) as tmp:
+        tmp.write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -33,6 +33,8 @@ def evaluate(
     if recorded and not json:
         err_console.print(f"using {model} (the last model in the workspace record)")
     report = evaluate_classifier(model, data, device=device, batch_size=batch_size)
+    workspace.record("evaluate", options={"batch_size": batch_size}, inputs=[("model", model), ("test", data)],
+                     outputs=[], figures={"accuracy": report.result.accuracy, "macro_f1": report.result.macro_f1})
     if json:
         print_json(report.to_dict())
         return

@@ -34,7 +34,7 @@ def test_user_commands_as_typed(capsys, tmp_path: Path, data) -> None:
     assert {c["label"] for c in ev["per_class"]} == {"neg", "pos"}
     assert main(["history", "--json"]) == 0
     assert [e["command"] for e in json.loads(capsys.readouterr().out)["entries"]] == ["train", "factorize",
-                                                                                      "finetune"]
+                                                                                      "finetune", "evaluate"]
 
 
 @pytest.mark.parametrize(
