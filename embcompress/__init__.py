@@ -9,8 +9,10 @@ __version__ = "0.1.0.dev0"
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import EmbcompressError
+from .export import ExportReport, export_onnx
 from .factorize import FactorizeResult, factorize, load_factorized
 from .modules import FactorizedEmbedding, TiedFactorizedLinear, compress_embeddings
+from .quant import QuantizeResult, dequantize_state, quantize, quantize_state
 from .rank import rank_for_reduction
 from .summary import inspect_checkpoint
 from .tables import EmbeddingTable, find_embeddings
@@ -19,16 +21,22 @@ __all__ = [
     "Checkpoint",
     "EmbcompressError",
     "EmbeddingTable",
+    "ExportReport",
     "FactorizeResult",
     "FactorizedEmbedding",
+    "QuantizeResult",
     "TiedFactorizedLinear",
     "__version__",
     "compress_embeddings",
+    "dequantize_state",
+    "export_onnx",
     "factorize",
     "find_embeddings",
     "inspect_checkpoint",
     "load_checkpoint",
     "load_factorized",
+    "quantize",
+    "quantize_state",
     "rank_for_reduction",
     "save_checkpoint",
 ]

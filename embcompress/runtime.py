@@ -8,6 +8,7 @@ CPU too). They clash when both are installed, so the project offers them as the 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 from .errors import DependencyError
@@ -19,7 +20,12 @@ MISSING = (
 
 
 def import_onnxruntime() -> ModuleType:
-    """The ``onnxruntime`` module, or DependencyError naming the extras to install."""
+    """The ``onnxruntime`` module, or DependencyError naming the extras to install.
+
+    ``ORT_DISABLE_TELEMETRY=1`` is set first (unless already set): onnxruntime writes telemetry files under the home
+    folder when imported otherwise.
+    """
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         return importlib.import_module("onnxruntime")
     except ImportError:

@@ -141,3 +141,42 @@ def take(
     if found is None:
         raise InputError(f"no {what} given and none in the workspace record ({record_path() or 'recording off'})")
     return found, True
+
+
+def _resolve(entry_path: str, base: Path) -> Path:
+    p = Path(entry_path)
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def finetuned_by_reduction(model: Path) -> dict[float, Path]:
+    """For a dense model: {R: fine-tuned model} from the record's factorize -> finetune chains that still exist."""
+    path = record_path()
+    if path is None:
+        return {}
+    base, target = path.parent, model.resolve()
+    factorized: dict[Path, float] = {}
+    found: dict[float, Path] = {}
+    for entry in load_record(path):
+        ins = {a["role"]: _resolve(a["path"], base) for a in entry.get("inputs", [])}
+        outs = {a["role"]: _resolve(a["path"], base) for a in entry.get("outputs", [])}
+        reduction = (entry.get("options") or {}).get("reduction")
+        if entry.get("command") == "factorize" and ins.get("model") == target and reduction and "model" in outs:
+            factorized[outs["model"]] = float(reduction)
+        elif entry.get("command") == "finetune" and ins.get("model") in factorized and "model" in outs:
+            if outs["model"].exists():
+                found[factorized[ins["model"]]] = outs["model"]
+    return found
+
+
+def recorded_reductions(model: Path) -> list[float]:
+    """The reductions this model was factorized at, per the record, in order of first use."""
+    path = record_path()
+    if path is None:
+        return []
+    target, seen = model.resolve(), []
+    for entry in load_record(path):
+        ins = {a["role"]: _resolve(a["path"], path.parent) for a in entry.get("inputs", [])}
+        r = (entry.get("options") or {}).get("reduction")
+        if entry.get("command") == "factorize" and ins.get("model") == target and r and float(r) not in seen:
+            seen.append(float(r))
+    return seen

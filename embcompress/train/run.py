@@ -24,6 +24,7 @@ from ..classifier import Classifier, load_classifier, num_parameters, save_class
 from ..data import LabelSet, Vocab, load_vectors, read_jsonl
 from ..errors import CheckpointError, InputError
 from ..models import build_model, init_embedding
+from ..modules import compress_embeddings, factorized_shapes
 from .loop import EpochRecord, EvalResult, TrainConfig, evaluate, fit, is_main_process, resolve_device
 
 # Fine-tuning a factorized model starts from trained weights: a gentler peak rate and fewer epochs than training.
@@ -132,6 +133,7 @@ def train_classifier(
     dropout: float = 0.4,
     min_count: int = 1,
     init_vectors: str | os.PathLike[str] | None = None,
+    initial_rank: int | None = None,
     config: TrainConfig | None = None,
     force: bool = False,
     resume: bool = False,
@@ -141,6 +143,8 @@ def train_classifier(
     """Train a DAN or LSTM classifier from scratch and write the best-on-dev model to ``output``.
 
     ``embed_dim`` defaults to the vectors' dimension with ``init_vectors`` (GloVe text format), else 300.
+    ``initial_rank`` trains a factorized table from the start (the paper's offline baseline): the rank-k SVD of
+    the initial vectors, or random rank-k factors without them.
     """
     config = config or TrainConfig()
     config.validate()
@@ -162,8 +166,13 @@ def train_classifier(
     model = build_model(model_cfg)
     if vectors is not None:
         init_embedding(model, vectors)
+    if initial_rank is not None:
+        if vectors is not None:
+            compress_embeddings(model, rank=initial_rank, tables=["embedding"])
+        else:
+            factorized_shapes(model, {"embedding": initial_rank})
     options = {"train": str(train_path), "dev": str(dev) if dev else None, "init_vectors": str(init_vectors)
-               if init_vectors else None, "vectors_found": found, "min_count": min_count, **config.to_dict()}
+               if init_vectors else None, "vectors_found": found, "min_count": min_count, "initial_rank": initial_rank, **config.to_dict()}
     clf = Classifier(model, vocab, labels, train=options)
     return _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume, resume=resume,
                          phase="train", options=options, on_step=on_step, on_epoch=on_epoch)

@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from embcompress.compare import compare, parse_baselines, parse_reductions, to_csv, to_markdown
+from embcompress.errors import InputError
+from embcompress.train.loop import TrainConfig
+from embcompress.train.run import train_classifier
+from tests.builders import write_sentiment_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    train = write_sentiment_jsonl(tmp_path / "train.jsonl", 120)
+    dev = write_sentiment_jsonl(tmp_path / "dev.jsonl", 40, 1)
+    model = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=16,
+                             config=TrainConfig(epochs=2, batch_size=16, device="cpu")).output
+    return Path(model), train, dev
+
+
+def test_all_rows_measured(setup, tmp_path: Path) -> None:
+    model, train, dev = setup
+    result = compare(model, data=dev, train=train, dev=dev, reductions=[0.5], finetune_epochs=1, repeats=2,
+                     threads=1, device="cpu")
+    methods = [r.method for r in result.rows]
+    assert methods == ["uncompressed", "quant16", "quant8", "svd", "proposed", "offline"]
+    by = {r.method: r for r in result.rows}
+    assert by["quant8"].size_bytes < by["quant16"].size_bytes < by["uncompressed"].size_bytes
+    assert by["svd"].size_bytes < by["uncompressed"].size_bytes
+    assert by["uncompressed"].relative_change == 0.0
+    for row in result.rows:
+        assert 0.0 <= row.accuracy <= 1.0
+        assert row.latency_ms[1] > 0 and row.latency_ms[64] > 0 and Path(row.onnx).exists()
+    assert "offline" in to_markdown(result) and to_csv(result).count("\n") == 7
+
+
+def test_reuse_skips_training_and_needs_train_otherwise(setup, tmp_path: Path) -> None:
+    model, train, dev = setup
+    with pytest.raises(InputError, match="needs --train"):
+        compare(model, data=dev, baselines=["svd"], reductions=[0.5], latency=False, device="cpu")
+    result = compare(model, data=dev, baselines=["svd"], reductions=[0.5], reuse={0.5: model}, latency=False,
+                     device="cpu")
+    assert result.rows[-1].note == "reused from the workspace record"
+
+
+def test_parsers() -> None:
+    assert parse_baselines("quant8, offline") == ["quant8", "offline"]
+    with pytest.raises(InputError, match="unknown"):
+        parse_baselines("quant4")
+    assert parse_reductions("0.5,0.9") == [0.5, 0.9]
+    with pytest.raises(InputError):
+        parse_reductions("1.0")

@@ -1,0 +1,236 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from embcompress import export_onnx, factorize  # noqa: E402
+from embcompress.classifier import Classifier, load_classifier, save_classifier  # noqa: E402
+from embcompress.errors import DataError, DependencyError, InputError, OutputError  # noqa: E402
+from embcompress.export import DANExport, LSTMExport, ParityError, make_session  # noqa: E402
+from embcompress.models import DAN, LSTMClassifier  # noqa: E402
+from embcompress.runtime import MISSING, execution_providers  # noqa: E402
+from embcompress.train.loop import TrainConfig  # noqa: E402
+from embcompress.train.run import train_classifier  # noqa: E402
+from tests.builders import write_sentiment_jsonl  # noqa: E402
+
+ONE_EPOCH = dict(epochs=1, batch_size=16, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny trained classifiers: dense and factorized DAN and LSTM, and a hand-built 2-layer BiLSTM."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export-models")
+    data = write_sentiment_jsonl(root / "train.jsonl", 160)
+    dan = train_classifier(data, None, root / "dan.safetensors", embed_dim=8, config=TrainConfig(**ONE_EPOCH)).output
+    lstm = train_classifier(data, None, root / "lstm.safetensors", arch="lstm", embed_dim=8, hidden_dim=8,
+                            config=TrainConfig(**ONE_EPOCH)).output
+    clf = load_classifier(lstm)
+    torch.manual_seed(0)
+    bi = LSTMClassifier(len(clf.vocab), 8, 6, 2, num_layers=2, bidirectional=True).eval()
+    save_classifier(Classifier(bi, clf.vocab, clf.labels), root / "bilstm.safetensors")
+    return {
+        "data": data,
+        "dan": Path(dan),
+        "dan_k3": Path(factorize(dan, rank=3, output=root / "dan.k3.safetensors").output),
+        "lstm": Path(lstm),
+        "lstm_k3": Path(factorize(lstm, rank=3, output=root / "lstm.k3.safetensors").output),
+        "bilstm": root / "bilstm.safetensors",
+    }
+
+
+def _export(src: Path, out: Path, **kw):
+    return export_onnx(src, out, threads=1, device="cpu", **kw)
+
+
+def _logits(path: Path, ids: torch.Tensor) -> np.ndarray:
+    return make_session(path, device="cpu", threads=1).run(["logits"], {"input_ids": ids.numpy()})[0]
+
+
+def _ids(clf: Classifier, lengths: list[int], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(2, len(clf.vocab), (n,), generator=g)
+    return ids
+
+
+@pytest.mark.parametrize("name", ["dan", "dan_k3", "lstm", "lstm_k3", "bilstm"])
+def test_export_parity_checker_and_dynamic_axes(models, tmp_path: Path, name: str) -> None:
+    out = tmp_path / f"{name}.onnx"
+    report = _export(models[name], out)
+    assert out.is_file() and report.output == str(out) and report.file_bytes == out.stat().st_size
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert report.checker == "passed" and report.opset == 17
+    assert [(t.name, t.dtype, t.shape) for t in report.inputs] == [("input_ids", "int64", ["batch", "seq"])]
+    assert [(t.name, t.dtype, t.shape) for t in report.outputs] == [("logits", "float32", ["batch", 2])]
+    assert report.parity.fp32_max_abs_diff <= 1e-4 and report.parity.fp32_agreement == 1.0
+    assert len({tuple(b) for b in report.parity.batches}) >= 4  # several batch sizes and lengths
+    assert report.factorized == name.endswith("k3") and report.rank == (3 if name.endswith("k3") else None)
+    props = {p.key: p.value for p in model.metadata_props}
+    clf = load_classifier(models[name])
+    assert json.loads(props["embcompress.labels"]) == ["neg", "pos"]
+    assert json.loads(props["embcompress.vocab"]) == clf.vocab.tokens
+    # two shapes that were never traced, with padding of different lengths
+    for lengths in ([3], [11, 1, 6, 11, 4]):
+        ids = _ids(clf, lengths, seed=len(lengths))
+        expected = clf.model.eval()(ids, torch.tensor(lengths)).detach().numpy()
+        np.testing.assert_allclose(_logits(out, ids), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bidirectional,layers", [(False, 1), (False, 2), (True, 1), (True, 2)])
+def test_padded_lstm_wrapper_equals_packed_model(bidirectional: bool, layers: int) -> None:
+    torch.manual_seed(layers)
+    model = LSTMClassifier(30, 5, 4, 3, num_layers=layers, bidirectional=bidirectional).eval()
+    lengths = [7, 1, 3, 7, 5]
+    ids = torch.zeros(5, 7, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(2, 30, (n,))
+    with torch.no_grad():
+        torch.testing.assert_close(LSTMExport(model)(ids), model(ids, torch.tensor(lengths)), atol=1e-6, rtol=0)
+
+
+def test_factorized_wrappers_equal_model_with_and_without_folding(models) -> None:
+    ids = torch.tensor([[5, 9, 0, 0], [3, 4, 7, 8], [6, 0, 0, 0]])
+    for name, wrapper in (("dan_k3", DANExport), ("lstm_k3", LSTMExport)):
+        model = load_classifier(models[name]).model.eval()
+        with torch.no_grad():
+            expected = model(ids, (ids != 0).sum(1))
+            torch.testing.assert_close(wrapper(model)(ids), expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(wrapper(model, fold=False)(ids), expected, atol=1e-5, rtol=0)
+
+
+def _shapes(model) -> tuple[dict[str, list], dict[str, list]]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    return values, inits
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_factorized_dan_projects_after_the_mean(models, tmp_path: Path, fold: bool) -> None:
+    """The product with W_b (alone, or folded into the first layer) takes a [batch, k] input: once per example."""
+    out = tmp_path / "f.onnx"
+    report = _export(models["dan_k3"], out, fold_projection=fold)
+    assert "before the projection" in report.graph or "once per example" in report.graph
+    model = onnx.load(str(out))
+    values, inits = _shapes(model)
+    clf = load_classifier(models["dan_k3"])
+    V, d, k = len(clf.vocab), clf.model.config["embed_dim"], 3
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and inits.get(n.input[0]) == [V, k]]
+    assert len(gathers) == 1  # the lookup reads the k-dim rows of W_a
+    assert values[gathers[0].output[0]] == ["batch", "seq", k]
+    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+                and any(inits.get(i, [None])[-1 if n.op_type == "Gemm" else 0] == k for i in n.input[1:2])]
+    assert len(products) == 1
+    assert values[products[0].input[0]] == ["batch", k]
+    weight = inits[products[0].input[1]]
+    assert weight == ([1024, k] if fold else [k, d])  # folded: W_1 W_b^T; else W_b itself
+    assert not any(dims == [1024, d] for dims in inits.values()) if fold else True
+
+
+@pytest.mark.parametrize("name", ["dan_k3", "lstm"])
+def test_int8_and_fp16_report_agreement(models, tmp_path: Path, name: str) -> None:
+    fp32 = _export(models[name], tmp_path / "f32.onnx")
+    q = _export(models[name], tmp_path / "q.onnx", quantize="int8")
+    h = _export(models[name], tmp_path / "h.onnx", quantize="fp16")
+    for report in (q, h):
+        onnx.checker.check_model(str(report.output))
+        assert report.parity.fp32_max_abs_diff <= 1e-4  # the float32 graph is always checked first
+        assert report.parity.agreement >= 0.9 and report.parity.max_abs_diff < 0.1
+        assert report.fp32_file_bytes == fp32.file_bytes and report.notes
+        assert [(t.name, t.dtype) for t in report.inputs + report.outputs] == [("input_ids", "int64"),
+                                                                               ("logits", "float32")]
+    ops = {n.op_type for n in onnx.load(q.output).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops or "DynamicQuantizeLSTM" in ops
+    gathers = [n for n in onnx.load(q.output).graph.node if n.op_type == "Gather"]
+    assert any(g.input[0].endswith("_quantized") for g in gathers)  # the embedding table is 8-bit too
+    if name == "lstm":
+        assert "DynamicQuantizeLSTM" in ops
+    h_types = {i.data_type for i in onnx.load(h.output).graph.initializer if len(i.dims) == 2}
+    assert h_types == {onnx.TensorProto.FLOAT16}
+    if name.startswith("dan"):  # the LSTM is too small for its size to be dominated by weights
+        assert h.file_bytes < 0.6 * fp32.file_bytes and q.file_bytes < 0.35 * fp32.file_bytes
+
+
+def test_parity_texts_from_data(models, tmp_path: Path) -> None:
+    report = _export(models["lstm_k3"], tmp_path / "m.onnx", data=models["data"])
+    assert report.parity.examples == 160 and "160 texts" in report.parity.source
+    assert report.parity.fp32_max_abs_diff <= 1e-4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "good"}\n{"label": 1}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        _export(models["dan"], tmp_path / "n.onnx", data=bad)
+
+
+def test_outputs_default_force_and_refusals(models, tmp_path: Path) -> None:
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(models["dan_k3"].read_bytes())
+    report = export_onnx(src, quantize="fp16", threads=1, device="cpu")
+    assert report.output == str(tmp_path / "m.fp16.onnx")
+    with pytest.raises(OutputError, match="already exists"):
+        export_onnx(src, quantize="fp16", threads=1)
+    export_onnx(src, quantize="fp16", threads=1, force=True)
+    with pytest.raises(OutputError, match="overwrite the input"):
+        export_onnx(src, src, force=True)
+    with pytest.raises(InputError, match="--quantize must be one of int8, fp16"):
+        export_onnx(src, tmp_path / "x.onnx", quantize="int4")
+    with pytest.raises(InputError, match="--opset"):
+        export_onnx(src, tmp_path / "x.onnx", opset=7)
+    with pytest.raises(InputError, match="unknown device 'tpu'"):
+        export_onnx(src, tmp_path / "x.onnx", device="tpu")
+    if "CUDAExecutionProvider" not in execution_providers("cuda"):
+        with pytest.raises(InputError, match="no CUDA execution provider"):
+            export_onnx(src, tmp_path / "x.onnx", device="cuda")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.safetensors"]  # no temporary left
+
+
+def test_parity_failure_writes_nothing(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("embcompress.export.FP32_TOLERANCE", -1.0)
+    with pytest.raises(ParityError, match="differs from PyTorch"):
+        _export(models["dan"], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnxruntime_is_a_dependency_error(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing():
+        raise DependencyError(MISSING)
+
+    monkeypatch.setattr("embcompress.runtime.import_onnxruntime", missing)
+    with pytest.raises(DependencyError, match=r"embcompress\[onnxruntime\]"):
+        export_onnx(models["dan"], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_dan_without_padding_index_averages_every_position(tmp_path: Path, models) -> None:
+    clf = load_classifier(models["dan"])
+    torch.manual_seed(0)
+    model = DAN(len(clf.vocab), 4, 2, hidden=(6,), padding_idx=None).eval()
+    save_classifier(Classifier(model, clf.vocab, clf.labels), tmp_path / "nopad.safetensors")
+    report = _export(tmp_path / "nopad.safetensors", tmp_path / "nopad.onnx")
+    assert report.parity.fp32_max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_quantized_classifier_file_exports_as_float(models, tmp_path: Path, bits: int) -> None:
+    quant = pytest.importorskip("embcompress.quant")
+    if not hasattr(quant, "quantize"):
+        pytest.skip("embcompress.quant has no quantize() yet")
+    small = quant.quantize(models["dan_k3"], bits=bits, output=tmp_path / f"q{bits}.safetensors").output
+    report = _export(Path(small), tmp_path / "q.onnx")
+    assert report.factorized and report.rank == 3 and report.parity.fp32_max_abs_diff <= 1e-4
