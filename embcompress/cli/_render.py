@@ -13,7 +13,7 @@ from rich.table import Table
 
 # Piped or captured output is not wrapped at 80 columns: tables stay one row per line for grep and logs.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
 def _default(obj: Any) -> Any:
