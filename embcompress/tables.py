@@ -125,9 +125,21 @@ def _identical(ckpt: Checkpoint, a: TensorInfo, b: TensorInfo) -> str | None:
 
 def _config_ties(ckpt: Checkpoint) -> bool:
     config = ckpt.config or {}
+    archs = config.get("architectures") or []
+    has_head = any(_HEAD_ARCHS.search(str(a)) for a in archs)
     if "tie_word_embeddings" in config:
-        return bool(config["tie_word_embeddings"])
-    return any(_HEAD_ARCHS.search(str(a)) for a in config.get("architectures") or [])
+        # transformers writes tie_word_embeddings: true for every model; a bare encoder (BertModel) has no head
+        return bool(config["tie_word_embeddings"]) and (has_head or not archs)
+    return has_head
+
+
+def _head_name(ckpt: Checkpoint) -> str:
+    """The output layer a config tie refers to: BERT's MLM decoder, else ``lm_head`` (GPT-2, T5, Llama ...)."""
+    config = ckpt.config or {}
+    if any(str(a).startswith("Bert") and ("MaskedLM" in str(a) or "PreTraining" in str(a))
+           for a in config.get("architectures") or []):
+        return "cls.predictions.decoder.weight"
+    return "lm_head.weight"
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -192,7 +204,7 @@ def find_embeddings(ckpt: Checkpoint, tables: list[str] | None = None) -> list[E
         chosen.append(table)
     if _config_ties(ckpt) and chosen and not chosen[0].tied:
         stored = [n for n in OUTPUT_LAYER_NAMES if n in ckpt.infos]
-        head = stored[0] if stored else "lm_head.weight"
+        head = stored[0] if stored else _head_name(ckpt)
         if not stored:
             chosen[0].tied.append(head)
             chosen[0].tie_reasons[head] = "config.json ties the output layer (not stored in the file)"

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import workspace
+from ..hf import is_hf_folder
 from ..train.run import evaluate_classifier
 from ._options import DeviceOpt, JsonOpt
 from ._render import console, err_console, pct, print_json, table
@@ -17,6 +18,8 @@ EXAMPLES = """Examples:
   embcompress evaluate model.safetensors --data test.jsonl
 
   embcompress evaluate model.r90.ft.safetensors --data test.jsonl --json
+
+  embcompress evaluate minilm-r90-ft --similarity-to all-MiniLM-L6-v2 --data texts.txt   (Hugging Face encoders)
 """
 
 
@@ -27,11 +30,27 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 512,
     device: DeviceOpt = "auto",
     json: JsonOpt = False,
+    # --- Hugging Face encoders (embcompress.distill): cosine to the original's sentence embeddings ---
+    similarity_to: Annotated[Path | None, typer.Option(
+        "--similarity-to", help="The original Hugging Face model folder: report the mean and worst cosine between "
+        "MODEL's and its mean-pooled sentence embeddings of the --data texts (.txt, one a line, or .jsonl).",
+        show_default=False)] = None,
 ) -> None:
     """Score a classifier: accuracy, macro-F1, precision/recall/F1 per class, and examples per second."""
     model, recorded = workspace.take(model, "model", what="model")
     if recorded and not json:
         err_console.print(f"using {model} (the last model in the workspace record)")
+    if similarity_to is not None:
+        from ._hf import evaluate_similarity
+
+        evaluate_similarity(model, similarity_to, data, batch_size=min(batch_size, 64), max_length=None,
+                            limit=None, device=device, json=json)
+        return
+    if is_hf_folder(model):  # a Hugging Face sequence classifier (finetune HF_FOLDER --data labelled.jsonl)
+        from ._hf import evaluate_labels
+
+        evaluate_labels(model, data, batch_size=min(batch_size, 64), device=device, json=json)
+        return
     report = evaluate_classifier(model, data, device=device, batch_size=batch_size)
     workspace.record("evaluate", options={"batch_size": batch_size}, inputs=[("model", model), ("test", data)],
                      outputs=[], figures={"accuracy": report.result.accuracy, "macro_f1": report.result.macro_f1})

@@ -9,6 +9,7 @@ import typer
 
 from .. import workspace
 from ..checkpoint import default_output
+from ..hf import is_hf_folder
 from ..train.loop import TrainConfig
 from ..train.run import FINETUNE_DEFAULTS, finetune_classifier
 from ._options import (
@@ -37,6 +38,8 @@ EXAMPLES = """Examples:
   embcompress finetune --data train.jsonl      (the last factorized model and --dev from the workspace record)
 
   embcompress finetune model.r90.safetensors --data train.jsonl --dev dev.jsonl -o model.r90.ft.safetensors --resume
+
+  embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt --dev dev.txt   (no labels)
 """
 
 
@@ -47,7 +50,7 @@ def finetune(
     dev: DevOpt = None,
     output: OutputOpt = None,
     epochs: EpochsOpt = None,
-    batch_size: BatchOpt = 64,
+    batch_size: BatchOpt = None,
     lr: LrOpt = None,
     optimizer: OptimizerOpt = "adam",
     schedule: ScheduleOpt = "calr",
@@ -57,6 +60,27 @@ def finetune(
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
+    # --- Hugging Face encoders, label-free (embcompress.distill): distil toward the original ---
+    teacher: Annotated[Path | None, typer.Option(
+        "--teacher", help="The original Hugging Face model folder: distil MODEL (a factorized HF folder) toward it "
+        "on the --data texts (.txt, one a line, or .jsonl); no labels. --dev texts report the cosine before/after.",
+        show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="[--teacher] Steps of the layer phase (default 600).",
+                                              show_default=False)] = None,
+    layers: Annotated[int | None, typer.Option(
+        "--layers", help="[--teacher] Match the original's token states after this many layers, training only "
+        "the embeddings and those layers (default 2); 0: train all toward the sentence embeddings.",
+        show_default=False)] = None,
+    sentence_steps: Annotated[int | None, typer.Option(
+        "--sentence-steps", help="[--teacher] Then this many steps on the sentence embeddings, whole model "
+        "(default 0).", show_default=False)] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help="[--teacher] Sentence-embedding loss: cosine or mse.",
+                                             show_default=False)] = None,
+    vocab_mix: Annotated[float | None, typer.Option(
+        "--vocab-mix", help="[--teacher] Share of each batch made of random words from the model's own vocabulary "
+        "(default 0).", show_default=False)] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="[--teacher] Tokens per text (default 128).",
+                                                   show_default=False)] = None,
 ) -> None:
     """Continue training a classifier ("online" recovery, the paper's method) with the CALR schedule by default.
 
@@ -66,6 +90,21 @@ def finetune(
     if model is None:
         model, _ = workspace.take(None, "model", what="model", commands=("factorize",))
         taken.append(f"model {model}")
+    if teacher is not None:
+        from ._hf import finetune_distill
+
+        if data is None:
+            data, _ = workspace.take(None, "texts", what="--data", side="inputs")
+        finetune_distill(model, teacher, data, dev, output, steps=steps, sentence_steps=sentence_steps,
+                         layers=layers, loss=loss, vocab_mix=vocab_mix, batch_size=batch_size, lr=lr,
+                         max_length=max_length, seed=seed, device=device, force=force, json=json)
+        return
+    if model is not None and data is not None and is_hf_folder(model):  # labelled: a sequence-classification head
+        from ._hf import finetune_labels
+
+        finetune_labels(model, data, dev, output, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
+                        seed=seed, device=device, force=force, json=json)
+        return
     if data is None:
         data, _ = workspace.take(None, "train", what="--data", side="inputs")
         taken.append(f"--data {data}")
@@ -77,7 +116,7 @@ def finetune(
     if taken and not json:
         err_console.print("from the workspace record: " + ", ".join(taken))
     out = output or default_output(model, "ft").with_suffix(".safetensors")
-    config = TrainConfig(epochs=epochs or FINETUNE_DEFAULTS["epochs"], batch_size=batch_size,
+    config = TrainConfig(epochs=epochs or FINETUNE_DEFAULTS["epochs"], batch_size=batch_size or 64,
                          lr=lr or FINETUNE_DEFAULTS["lr"], optimizer=optimizer, schedule=schedule,
                          weight_decay=weight_decay, seed=seed, device=device)
     report, main_process = run_training(

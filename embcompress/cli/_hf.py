@@ -1,0 +1,171 @@
+"""The Hugging Face paths of ``finetune`` (``--teacher``: label-free distillation) and ``evaluate``
+(``--similarity-to``): called from those commands when the model is a transformers folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .. import workspace
+from ..errors import InputError
+from ._render import console, err_console, print_json, table
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator:
+    if not show:
+        yield None
+        return
+    progress = Progress(TextColumn("{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=err_console,
+                        transient=True)
+    tasks: dict[str, int] = {}
+    started = False
+
+    def on_step(phase: str, step: int, total: int, loss: float) -> None:
+        nonlocal started
+        if not started:
+            progress.start()
+            started = True
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total, phase=f"{phase} phase", loss=loss)
+        progress.update(tasks[phase], completed=step, loss=loss)
+
+    try:
+        yield on_step
+    finally:
+        if started:
+            progress.stop()
+
+
+def default_distill_output(model: Path) -> Path:
+    """``<folder>-ft`` beside the student folder."""
+    return model.parent / f"{model.name}-ft"
+
+
+def finetune_distill(
+    model: Path,
+    teacher: Path,
+    data: Path,
+    dev: Path | None,
+    output: Path | None,
+    *,
+    steps: int | None,
+    sentence_steps: int | None,
+    layers: int | None,
+    loss: str | None,
+    vocab_mix: float | None,
+    batch_size: int | None,
+    lr: float | None,
+    max_length: int | None,
+    seed: int,
+    device: str,
+    force: bool,
+    json: bool,
+) -> None:
+    """``embcompress finetune MODEL --teacher ORIGINAL --data texts``: distil, write, record, report."""
+    from ..distill import DistillConfig, distill
+
+    defaults = DistillConfig()
+    config = DistillConfig(
+        steps=defaults.steps if steps is None else steps,
+        sentence_steps=defaults.sentence_steps if sentence_steps is None else sentence_steps,
+        layers=defaults.layers if layers is None else layers,
+        loss=loss or defaults.loss,
+        vocab_mix=defaults.vocab_mix if vocab_mix is None else vocab_mix,
+        batch_size=batch_size or defaults.batch_size,
+        lr=lr or defaults.lr,
+        max_length=max_length or defaults.max_length,
+        seed=seed,
+        device=device,
+    )
+    out = output or default_distill_output(model)
+    with _progress(not json) as on_step:
+        report = distill(model, teacher, data, out, config=config, dev_path=dev, force=force, on_step=on_step)
+    figures = {"texts": report.texts, "steps": sum(p["steps"] for p in report.phases), "seconds": report.seconds}
+    if report.before:
+        figures.update(dev_cosine_before=report.before["mean"], dev_cosine_after=report.after["mean"],
+                       dev_worst_before=report.before["worst"], dev_worst_after=report.after["worst"])
+    workspace.record("finetune", options=report.options,
+                     inputs=[("model", model), ("teacher", teacher), ("texts", data)] + ([("dev", dev)] if dev else []),
+                     outputs=[("model", Path(report.output))], figures=figures)
+    if json:
+        print_json(report.to_dict())
+        return
+    rows = [[p["phase"], p["steps"], p["layers"] or "all", p["loss"], f"{p['loss_first']:.4f}",
+             f"{p['loss_last']:.4f}", f"{p['lr']:.0e}", f"{p['seconds']:.0f} s"] for p in report.phases]
+    console.print(f"[bold]{model}[/bold] distilled toward {teacher} on {report.texts} texts of {data} -> "
+                  f"[bold]{report.output}[/bold]")
+    console.print(table(None, ["phase", "steps", "layers", "loss", "first", "last", "lr", "time"], rows))
+    if report.before:
+        console.print(f"cosine to the original on {dev} ({report.before['count']} texts): mean "
+                      f"{report.before['mean']:.4f} -> {report.after['mean']:.4f}, worst {report.before['worst']:.4f} "
+                      f"-> {report.after['worst']:.4f}; {report.device}, {report.seconds:.0f} s")
+    else:
+        console.print(f"{report.device}, {report.seconds:.0f} s (give --dev texts to see the cosine to the original "
+                      "before and after)")
+
+
+def evaluate_similarity(model: Path, original: Path, data: Path, *, batch_size: int, max_length: int | None,
+                        limit: int | None, device: str, json: bool) -> None:
+    """``embcompress evaluate MODEL --similarity-to ORIGINAL --data texts``."""
+    from ..distill import similarity_to
+    from ..hf import DEFAULT_MAX_LENGTH
+
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    report = similarity_to(model, original, data, limit=limit, batch_size=batch_size,
+                           max_length=max_length or DEFAULT_MAX_LENGTH, device=device)
+    if json:
+        print_json(report.to_dict())
+        return
+    console.print(f"[bold]{model}[/bold] vs {original} on {data} ({report.count} texts): mean cosine "
+                  f"{report.mean:.4f}, worst {report.worst:.4f}, 5th percentile {report.p05:.4f}, median "
+                  f"{report.median:.4f}; {report.seconds:.1f} s")
+    console.print(f"worst text: {report.worst_text[:160]!r}")
+
+
+def finetune_labels(model: Path, data: Path, dev: Path | None, output: Path | None, *, epochs: int | None,
+                    batch_size: int | None, lr: float | None, max_length: int | None, seed: int, device: str,
+                    force: bool, json: bool) -> None:
+    """``embcompress finetune HF_FOLDER --data train.jsonl [--dev dev.jsonl]``: a sequence-classification head."""
+    from ..distill import finetune_labelled
+    from ..hf import DEFAULT_MAX_LENGTH
+
+    out = output or default_distill_output(model)
+    with _progress(not json) as on_step:
+        report = finetune_labelled(model, data, dev, out, epochs=epochs or 3, batch_size=batch_size or 32,
+                                   lr=lr or 5e-5, max_length=max_length or DEFAULT_MAX_LENGTH, seed=seed,
+                                   device=device, force=force, on_step=on_step)
+    workspace.record("finetune", options=report.options,
+                     inputs=[("model", model), ("train", data)] + ([("dev", dev)] if dev else []),
+                     outputs=[("model", Path(report.output))],
+                     figures={"dev_before": report.dev_before, "dev_after": report.dev_after})
+    if json:
+        print_json(report.to_dict())
+        return
+    rows = [[h["epoch"], f"{h['train_loss']:.4f}",
+             f"{100 * h['dev_accuracy']:.2f} %" if h["dev_accuracy"] is not None else "-", f"{h['seconds']:.0f} s",
+             "*" if h["epoch"] == report.best_epoch else ""] for h in report.history]
+    console.print(table(f"Fine-tuned (sequence classification, labels {report.labels}) -> {report.output}",
+                        ["epoch", "loss", "dev accuracy", "time", "best"], rows))
+    if report.dev_before is not None:
+        console.print(f"dev accuracy before {100 * report.dev_before:.2f} %, after {100 * report.dev_after:.2f} %; "
+                      f"{report.device}, {report.seconds:.0f} s")
+
+
+def evaluate_labels(model: Path, data: Path, *, batch_size: int, device: str, json: bool) -> None:
+    """``embcompress evaluate HF_CLASSIFIER --data test.jsonl``: accuracy."""
+    from ..distill import evaluate_labelled
+
+    result = evaluate_labelled(model, data, batch_size=batch_size, device=device)
+    workspace.record("evaluate", options={"batch_size": batch_size}, inputs=[("model", model), ("test", data)],
+                     outputs=[], figures={"accuracy": result["accuracy"]})
+    if json:
+        print_json(result)
+        return
+    console.print(f"[bold]{model}[/bold] on {data}: accuracy {100 * result['accuracy']:.2f} %, {result['count']} "
+                  f"examples, {result['examples_per_second']:,.0f} examples/s")

