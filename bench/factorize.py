@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         ks = [_rank(Vt, dt, R) for R in (0.9, 0.5)]
         print(f"{title}: k = {ks[0]} (R = 0.9), {ks[1]} (R = 0.5)", flush=True)
         results: dict[str, dict] = {}
+        t_table, cpu_table = time.perf_counter(), _cpu_seconds()
         jobs = [["floor"], ["floor syrk"], ["torch.linalg.svd"], ["scipy gesdd"], ["torch.svd_lowrank"],
                 ["embcompress exact"], ["embcompress randomized"]]
         if args.quick:  # one single-threaded process per table: indicative figures only, but quick
@@ -283,10 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             got = _spawn({"table": table, "methods": methods, "ks": ks, "repeats": repeats}, args.quick)
             for r in got["results"]:
                 results.setdefault(r["method"], {})[str(r["k"])] = r
+        busy, mine = (b - a for a, b in zip(cpu_table, _cpu_seconds()))
+        share = max(0.0, busy - mine) / ((time.perf_counter() - t_table) * (os.cpu_count() or 1))
         floor_torch = statistics.median(results["floor"]["None"]["times"])
         floor_syrk = statistics.median(results["floor syrk"]["None"]["times"])
         floor = min(floor_torch, floor_syrk)
-        floors[title] = (floor_torch, floor_syrk)
+        floors[title] = (floor_torch, floor_syrk, share)
         ref = results["torch.linalg.svd"]["None"]
         s = np.array(ref["singular_values"])
         svd_time = ref["times"][0]
@@ -312,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append([r["table"], f"{r['R']:.1f}", str(r["k"]), r["method"], _fmt_time(r["time"]),
                       f"{r['speedup']:.1f}x", f"{r['floor_ratio']:.2f}", "-" if r["peak"] is None else f"{r['peak']:.2f}",
                       _fmt_excess(r["excess"])])
-    floor_lines = [f"- {t}: torch `W.T @ W` {a:.2f} s, numpy syrk `W.T @ W` {b:.2f} s (floor = the faster)"
-                   for t, (a, b) in floors.items()]
+    floor_lines = [f"- {t}: torch `W.T @ W` {a:.2f} s, numpy syrk `W.T @ W` {b:.2f} s (floor = the faster); "
+                   f"other processes used {c:.0%} of the CPU while this table ran" for t, (a, b, c) in floors.items()]
     targets = [] if args.quick else _targets(rows, V)
     _print_table(header, lines)
     print("\nOne float32 W^T W pass (the floor):")
