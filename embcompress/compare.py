@@ -110,10 +110,7 @@ def _latency_batches(model_path: Path, data: Path, sizes: tuple[int, ...]) -> di
     for size in sizes:
         items = [ds[i % len(ds)] for i in range(size)]
         batch = collate(items)
-        feeds = {"input_ids": batch.ids.numpy()}
-        if clf.model.config.get("arch") == "lstm":
-            feeds["lengths"] = batch.lengths.numpy()
-        batches[size] = feeds
+        batches[size] = {"input_ids": batch.ids.numpy()}  # the graph derives lengths from the padding
     return batches
 
 
@@ -130,6 +127,7 @@ def compare(
     baselines: list[str] | None = None,
     reductions: list[float] | None = None,
     finetune_epochs: int | None = None,
+    finetune_lr: float | None = None,
     work_dir: str | os.PathLike[str] | None = None,
     reuse: dict[float, Path] | None = None,
     latency: bool = True,
@@ -139,7 +137,9 @@ def compare(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> CompareResult:
-    """Build and measure every row. ``reuse`` maps a reduction to an already fine-tuned model (the proposed row)
+    """Build and measure every row. ``finetune_epochs`` and ``finetune_lr`` (CALR's peak) set the proposed rows'
+    fine-tuning (defaults: ``FINETUNE_DEFAULTS``); the offline rows train for the uncompressed model's epochs plus
+    ``finetune_epochs``, so both get the same budget. ``reuse`` maps a reduction to an already fine-tuned model (the proposed row)
     so it is not trained again. Artifacts go to ``work_dir`` (default ``<model>.compare/`` beside the model)."""
     started = time.perf_counter()
     say = progress or (lambda _m: None)
@@ -158,6 +158,9 @@ def compare(
     dev_device = resolve_device(device)
     test_ds = base.encode(read_jsonl(data))
     ft_epochs = finetune_epochs or FINETUNE_DEFAULTS["epochs"]
+    ft_lr = finetune_lr or FINETUNE_DEFAULTS["lr"]
+    if ft_epochs < 1 or ft_lr <= 0:
+        raise InputError(f"fine-tuning needs at least one epoch and a positive rate, got {ft_epochs} and {ft_lr:g}")
     train_cfg = base.train or {}
     train_epochs = int(train_cfg.get("epochs") or TrainConfig.epochs)
     batches = _latency_batches(src, data, LATENCY_BATCHES) if latency else {}
@@ -206,9 +209,9 @@ def compare(
             say(f"proposed {tag}: fine-tuning {ft_epochs} epochs with CALR")
             out = work / f"proposed.{tag}.safetensors"
             finetune_classifier(factorized, train, dev, out, force=True,
-                                config=TrainConfig(epochs=ft_epochs, lr=FINETUNE_DEFAULTS["lr"], seed=seed,
+                                config=TrainConfig(epochs=ft_epochs, lr=ft_lr, seed=seed,
                                                    device=device))
-            add("proposed", r, out, note=f"{ft_epochs} fine-tuning epochs")
+            add("proposed", r, out, note=f"{ft_epochs} fine-tuning epochs, peak lr {ft_lr:g}")
         if "offline" in baselines:
             say(f"offline {tag}: training a rank-{k} table from the start")
             out = work / f"offline.{tag}.safetensors"
@@ -221,7 +224,7 @@ def compare(
                                                 seed=seed, device=device))
             init = "SVD of the initial vectors" if train_cfg.get("init_vectors") else "random low-rank table"
             add("offline", r, out, note=f"{init}, {epochs} epochs")
-    settings = {"baselines": baselines, "reductions": reductions, "finetune_epochs": ft_epochs,
+    settings = {"baselines": baselines, "reductions": reductions, "finetune_epochs": ft_epochs, "finetune_lr": ft_lr,
                 "train_epochs": train_epochs, "train": str(train) if train else None, "dev": str(dev) if dev else None,
                 "latency_batches": list(LATENCY_BATCHES), "latency_tokens": {b: list(f["input_ids"].shape)
                                                                              for b, f in batches.items()},

@@ -59,3 +59,25 @@ def test_parsers() -> None:
     assert parse_reductions("0.5,0.9") == [0.5, 0.9]
     with pytest.raises(InputError):
         parse_reductions("1.0")
+
+
+def test_finetune_rate_is_used_and_checked(setup) -> None:
+    model, train, dev = setup
+    result = compare(model, data=dev, train=train, dev=dev, baselines=["svd"], reductions=[0.5], finetune_epochs=1,
+                     finetune_lr=1e-3, latency=False, device="cpu")
+    assert result.settings["finetune_lr"] == 1e-3
+    assert "peak lr 0.001" in result.rows[-1].note
+    with pytest.raises(InputError, match="positive rate"):
+        compare(model, data=dev, train=train, dev=dev, baselines=["svd"], reductions=[0.5], finetune_lr=-1.0,
+                latency=False, device="cpu")
+
+
+def test_lstm_rows_are_timed(tmp_path: Path) -> None:
+    train = write_sentiment_jsonl(tmp_path / "train.jsonl", 80)
+    dev = write_sentiment_jsonl(tmp_path / "dev.jsonl", 20, 1)
+    model = train_classifier(train, dev, tmp_path / "lstm.safetensors", arch="lstm", embed_dim=8, hidden_dim=8,
+                             config=TrainConfig(epochs=1, batch_size=16, device="cpu")).output
+    result = compare(model, data=dev, train=train, dev=dev, baselines=["quant8"], reductions=[0.5],
+                     finetune_epochs=1, repeats=1, threads=1, device="cpu")
+    assert [r.method for r in result.rows] == ["uncompressed", "quant8", "proposed"]
+    assert all(r.latency_ms[1] > 0 and r.latency_ms[64] > 0 for r in result.rows)

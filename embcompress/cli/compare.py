@@ -46,6 +46,8 @@ def compare(
                     "last data evaluated in this folder, else the dev set).", show_default=False)] = None,
     finetune_epochs: Annotated[int | None, typer.Option("--finetune-epochs", help="Epochs of CALR fine-tuning "
                                "for the proposed rows (default 3).", show_default=False)] = None,
+    finetune_lr: Annotated[float | None, typer.Option("--finetune-lr", help="Peak learning rate of that CALR "
+                           "fine-tuning (default 0.002).", show_default=False)] = None,
     no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip the ONNX export and timing.")] = False,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per batch size (the median is shown).")] = 20,
     csv: Annotated[Path | None, typer.Option("--csv", help="Also write the table as CSV.", show_default=False)] = None,
@@ -83,7 +85,8 @@ def compare(
         status.start()
     try:
         result = run_compare(model, data=data, train=train, dev=dev, baselines=parse_baselines(baselines),
-                             reductions=parse_reductions(reductions), finetune_epochs=finetune_epochs, reuse=reuse,
+                             reductions=parse_reductions(reductions), finetune_epochs=finetune_epochs,
+                             finetune_lr=finetune_lr, reuse=reuse,
                              latency=not no_latency, repeats=repeats, device=device,
                              progress=(lambda m: status.update(m)) if status else None)
     finally:
