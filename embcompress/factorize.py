@@ -34,8 +34,13 @@ from .errors import CheckpointError, InputError
 from .modules import TiedFactorizedLinear, factorized_shapes
 from .quant import dequantized_state_dict, quant_meta
 from .rank import achieved_reduction, choose_rank
-from .svd import METHODS, factorize_matrix, spectrum
+from .svd import METHODS as SVD_METHODS
+from .svd import factorize_matrix, factorize_weighted, spectrum
 from .tables import find_embeddings
+from .weighting import DEFAULT_SMOOTHING, Counts
+
+# exact and randomized are plain truncated SVDs; weighted is the frequency-weighted one (needs token counts)
+METHODS: tuple[str, ...] = (*SVD_METHODS, "weighted")
 
 
 @dataclass
@@ -57,6 +62,7 @@ class TableResult:
     bytes_before: int
     bytes_after: int
     seconds: float
+    weighting: dict[str, Any] | None = None
 
 
 @dataclass
@@ -109,6 +115,8 @@ def factorize(
     energy: float | None = None,
     tables: list[str] | None = None,
     method: str = "exact",
+    counts: Counts | None = None,
+    smoothing: float = DEFAULT_SMOOTHING,
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
     device: str = "cpu",
@@ -119,7 +127,8 @@ def factorize(
     Give exactly one of ``reduction`` (R in (0, 1); k by eq. 5), ``rank`` (k) or ``energy`` (the smallest k keeping
     that fraction of sum s_i^2). ``output`` defaults to ``model.r90.safetensors`` (or ``<folder>-r90``) beside the
     input. ``force`` replaces an existing output and allows a rank at or above break-even. ``device`` runs the SVD
-    there (``auto``: CUDA where present); the factors are written from the CPU.
+    there (``auto``: CUDA where present); the factors are written from the CPU. ``method="weighted"`` needs
+    ``counts`` (``embcompress.weighting``): each row is weighted by its count plus ``smoothing``.
     """
     start = time.perf_counter()
     if sum(x is not None for x in (reduction, rank, energy)) != 1:
@@ -130,6 +139,11 @@ def factorize(
         raise InputError(f"--energy must be in (0, 1], got {energy}")
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if (method == "weighted") != (counts is not None):
+        raise InputError("--method weighted needs token counts (--counts FILE or --corpus TEXTS), and counts "
+                         "need --method weighted")
+    weights = counts.weights(smoothing) if counts is not None else None
+    weighting = {**counts.to_dict(), "smoothing": smoothing} if counts is not None else None
     src = Path(path)
     dev = resolve_device(device)
     with load_checkpoint(src) as ckpt:
@@ -140,7 +154,8 @@ def factorize(
         out = Path(output) if output is not None else default_output(src, output_tag(reduction, rank, energy))
         check_output(out, [src], force=force)
         found = find_embeddings(ckpt, tables)
-        tensors, results = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, dev, progress)
+        tensors, results = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, dev, progress,
+                                              weights, weighting)
         meta = _metadata(ckpt, results, tensors)
         if progress:
             progress(f"writing {out}")
@@ -171,6 +186,8 @@ def _factorize_tables(
     force: bool,
     device: torch.device,
     progress: Callable[[str], None] | None,
+    weights: torch.Tensor | None = None,
+    weighting: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[TableResult]]:
     dropped = {t.name for t in found} | {n for t in found for n in t.tied}
     tensors = {name: ckpt.tensor(name) for name in ckpt.names if name not in dropped}
@@ -193,7 +210,13 @@ def _factorize_tables(
             force=force,
             table=table.name,
         )
-        factors = factorize_matrix(W, k, method=method, spectrum=spec)
+        if weights is None:
+            factors = factorize_matrix(W, k, method=method, spectrum=spec)
+        elif weights.numel() != V:
+            raise InputError(f"{table.name}: {weights.numel()} token counts for a table of {V} rows; the counts "
+                             "must come from this model's vocabulary")
+        else:
+            factors = factorize_weighted(W, k, weights)
         a_name, b_name = factor_names(table.name)
         tensors[a_name], tensors[b_name] = factors.a.contiguous().cpu(), factors.b.contiguous().cpu()
         del W
@@ -209,7 +232,7 @@ def _factorize_tables(
                 reduction_achieved=achieved_reduction(V, d, k),
                 rel_error=factors.rel_error,
                 energy_kept=max(0.0, 1.0 - factors.rel_error**2)
-                if spec is None
+                if spec is None or weights is not None
                 else spec.energy_kept(k),
                 method=method,
                 factors=(a_name, b_name),
@@ -217,6 +240,7 @@ def _factorize_tables(
                 bytes_before=V * d * factors.a.element_size(),
                 bytes_after=(factors.a.numel() + factors.b.numel()) * factors.a.element_size(),
                 seconds=time.perf_counter() - t0,
+                weighting=weighting,
             )
         )
     return tensors, results
@@ -240,6 +264,7 @@ def _metadata(ckpt: Checkpoint, results: list[TableResult], tensors: dict[str, t
             "energy_kept": r.energy_kept,
             "factors": list(r.factors),
             "tied": r.tied,
+            **({"weighting": r.weighting} if r.weighting else {}),
         }
     return {
         **{k: v for k, v in previous.items() if k not in ("tables", "file", "tool", "format_version")},

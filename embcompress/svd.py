@@ -354,6 +354,36 @@ def factorize_matrix(
     return spec.factors(W, k)
 
 
+def factorize_weighted(W: torch.Tensor, k: int, weights: torch.Tensor, *, method: str = "exact",
+                       seed: int = 0) -> Factors:
+    """Frequency-weighted truncated SVD: a @ b minimises sum_i f_i ||w_i - (a b)_i||^2 for row weights f_i > 0.
+
+    Row i is scaled by sqrt(f_i), the scaled table is factorized by ``method`` (optimal for the weighted error),
+    and a's rows are scaled back. ``rel_error`` is the plain ||W - a b||_F / ||W||_F, measured blockwise (it is at
+    least the plain SVD's: the weighted fit spends rank on frequent rows); ``singular_values`` are the weighted
+    table's.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_matrix(W)
+    _check_k(k, tuple(W.shape))
+    w = torch.as_tensor(weights).detach().to(torch.float64).flatten().cpu()
+    if w.numel() != W.shape[0]:
+        raise InputError(f"{w.numel()} row weights for a table of {W.shape[0]} rows")
+    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+        raise InputError("row weights must be finite and positive (add smoothing to zero counts)")
+    root = w.sqrt()
+    root = root / root.max()  # a common scale changes nothing but keeps the scaled table within W's range
+    scale = root.to(dtype=torch.float32 if W.dtype != torch.float64 else torch.float64, device=W.device)
+    scaled = (W.detach().to(scale.dtype) * scale[:, None]).to(W.dtype)
+    f = factorize_matrix(scaled, k, method=method, seed=seed)
+    del scaled
+    a = (f.a.to(scale.dtype) / scale[:, None]).to(W.dtype)
+    total = float(torch.linalg.vector_norm(W.detach(), dtype=torch.float64) ** 2)
+    rel = _measured_error(_Rows(W.detach()), a, f.b) / math.sqrt(total) if total > 0 else 0.0
+    return Factors(a=a, b=f.b, singular_values=f.singular_values, rel_error=rel, method="weighted")
+
+
 def _check_matrix(W: torch.Tensor) -> None:
     if not isinstance(W, torch.Tensor):
         raise InputError(f"expected a torch.Tensor, got {type(W).__name__}")

@@ -11,6 +11,7 @@ from .. import workspace
 from ..budget import rank_for_budget
 from ..errors import InputError
 from ..factorize import factorize as factorize_checkpoint
+from ..weighting import load_counts
 from ..train.loop import TrainConfig
 from ._options import CheckpointArg, DataOpt, DeviceOpt, DevOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
 from ._render import console, err_console, human_bytes, pct, print_json, shape, table
@@ -25,6 +26,10 @@ EXAMPLES = """Examples:
 
   embcompress factorize model.safetensors --energy 0.95 --method randomized
 
+  embcompress factorize dan.safetensors --reduction 0.9 --method weighted --corpus train.jsonl
+
+  embcompress factorize ./all-MiniLM-L6-v2 --reduction 0.9 --method weighted --counts counts.txt
+
   embcompress factorize dan.safetensors --max-drop 0.01 --dev dev.jsonl
 """
 
@@ -38,8 +43,15 @@ def factorize(
                     show_default=False)] = None,
     energy: Annotated[float | None, typer.Option("--energy", help="Smallest k keeping this fraction of the "
                       "spectral energy sum(s_i^2), in (0, 1].", show_default=False)] = None,
-    method: Annotated[str, typer.Option("--method", help="exact (Gram route, optimal) or randomized "
-                      "(streaming, for tables beyond memory).")] = "exact",
+    method: Annotated[str, typer.Option("--method", help="exact (Gram route, optimal), randomized (streaming, "
+                      "for tables beyond memory) or weighted (frequency-weighted: frequent tokens get the rank; "
+                      "needs --counts or --corpus).")] = "exact",
+    counts: Annotated[Path | None, typer.Option("--counts", help="With --method weighted: token counts, one a "
+                      "line (line i = token id i), 'TOKEN COUNT' lines, or JSON.", show_default=False)] = None,
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="With --method weighted: texts (.txt one a line, "
+                      ".jsonl with 'text') counted with the model's own tokenizer.", show_default=False)] = None,
+    smoothing: Annotated[float, typer.Option("--smoothing", help="With --method weighted: added to every count, "
+                         "so unseen tokens keep a reconstruction.")] = 1.0,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of a rule: the smallest k whose "
                         "dev accuracy stays within this many accuracy points (a fraction: 0.01 = 1 point) of the "
                         "original classifier's, found by bisection over k.", show_default=False)] = None,
@@ -66,9 +78,11 @@ def factorize(
     if status:
         status.start()
     try:
+        token_counts = load_counts(path, split_list(tables), counts, corpus)
         result = factorize_checkpoint(
             path, reduction=reduction, rank=rank, energy=energy, tables=split_list(tables), method=method,
-            output=output, force=force, device=device, progress=(lambda msg: status.update(msg)) if status else None,
+            counts=token_counts, smoothing=smoothing, output=output, force=force, device=device,
+            progress=(lambda msg: status.update(msg)) if status else None,
         )
     finally:
         if status:
@@ -83,8 +97,8 @@ def factorize(
     workspace.record(
         "factorize",
         options={"reduction": reduction, "rank": rank, "energy": energy, "method": method,
-                 "tables": split_list(tables)},
-        inputs=[("model", path)],
+                 "tables": split_list(tables), **({"smoothing": smoothing} if token_counts else {})},
+        inputs=[("model", path), *([("counts", counts)] if counts else []), *([("corpus", corpus)] if corpus else [])],
         outputs=[("model", Path(result.output))],
         figures=figures,
     )
@@ -106,6 +120,10 @@ def factorize(
         f"(R = {pct(result.reduction_achieved)}), {human_bytes(result.file_bytes_before)} -> "
         f"{human_bytes(result.file_bytes_after)} on disk, in {result.seconds:.1f} s"
     )
+    if token_counts is not None:
+        w = token_counts.to_dict()
+        console.print(f"weighted by {w['tokens_counted']:,} token counts from {w['source']} ({w['rows_seen']:,} of "
+                      f"{w['rows']:,} rows seen, smoothing {smoothing:g}); rel. error is the plain, unweighted one")
 
 
 def _budget(path: Path, max_drop: float, dev: Path | None, data: Path | None, epochs: int, output: Path | None,

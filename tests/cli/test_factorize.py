@@ -171,3 +171,22 @@ def test_max_drop_alone_and_needs_dev(capsys, dan_file: Path) -> None:
     assert code == 2 and "alone" in err
     code, _, err = run(capsys, "factorize", dan_file, "--max-drop", "0.01")
     assert code == 2 and "needs --dev" in err
+
+
+def test_weighted_with_counts_file(capsys, dan_file: Path, tmp_path: Path) -> None:
+    counts = tmp_path / "counts.txt"
+    counts.write_text("\n".join(str(i % 7) for i in range(600)) + "\n")
+    out = tmp_path / "w.safetensors"
+    code, stdout, err = run(capsys, "factorize", dan_file, "--reduction", "0.5", "--method", "weighted", "--counts",
+                            counts, "-o", out)
+    assert code == 0, err
+    assert "weighted by" in stdout and out.exists()
+    code, stdout, err = run(capsys, "factorize", dan_file, "--reduction", "0.5", "--method", "weighted", "--counts",
+                            counts, "--corpus", counts, "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "not both" in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = run(capsys, "factorize", dan_file, "--reduction", "0.5", "--method", "weighted", "-o",
+                            tmp_path / "x.safetensors")
+    assert code == 2 and "needs token counts" in err and not (tmp_path / "x.safetensors").exists()
+    code, stdout, err = run(capsys, "factorize", dan_file, "--reduction", "0.5", "--method", "weighted", "--corpus",
+                            counts, "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "--corpus needs the model's tokenizer" in err
