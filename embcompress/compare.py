@@ -1,7 +1,8 @@
 """One run, one table: what each way of shrinking a classifier costs in size, accuracy and latency.
 
 Rows (the paper's Tables 2 and 4): the uncompressed model; ``quant16`` and ``quant8`` (``quantize``); ``svd``
-(factorized, not retrained); ``proposed`` (factorized, then fine-tuned with CALR: the paper's method); ``offline``
+(factorized, not retrained); ``proposed`` (factorized, then fine-tuned with CALR: the paper's method);
+``proposed+int8`` (that model quantized to int8: low rank and fixed point combined); ``offline``
 (the paper's baseline 2: the initial embedding compressed before training, the SVD of the ``--init-vectors`` or a
 random low-rank table for DAN-RAND, then trained with the same epoch budget as uncompressed training plus
 fine-tuning). Each row is scored on the same data, its checkpoint measured on disk, and its ONNX graph timed in
@@ -32,7 +33,7 @@ from .rank import rank_for_reduction
 from .train.loop import TrainConfig, evaluate, resolve_device
 from .train.run import FINETUNE_DEFAULTS, finetune_classifier, train_classifier
 
-BASELINES = ("quant8", "quant16", "offline", "svd")
+BASELINES = ("quant8", "quant16", "offline", "svd", "proposed+int8")
 LATENCY_BATCHES = (1, 64)
 
 
@@ -212,6 +213,12 @@ def compare(
                                 config=TrainConfig(epochs=ft_epochs, lr=ft_lr, seed=seed,
                                                    device=device))
             add("proposed", r, out, note=f"{ft_epochs} fine-tuning epochs, peak lr {ft_lr:g}")
+        if "proposed+int8" in baselines:
+            say(f"proposed+int8 {tag}: quantizing the proposed model")
+            proposed = Path(reuse[r]) if r in reuse else work / f"proposed.{tag}.safetensors"
+            q = work / f"proposed.{tag}.int8.safetensors"
+            quantize(proposed, 8, q, force=True)
+            add("proposed+int8", r, q, "int8", note="the proposed model, then int8 (factors included)")
         if "offline" in baselines:
             say(f"offline {tag}: training a rank-{k} table from the start")
             out = work / f"offline.{tag}.safetensors"

@@ -32,15 +32,16 @@ def test_all_rows_measured(setup, tmp_path: Path) -> None:
     result = compare(model, data=dev, train=train, dev=dev, reductions=[0.5], finetune_epochs=1, repeats=2,
                      threads=1, device="cpu")
     methods = [r.method for r in result.rows]
-    assert methods == ["uncompressed", "quant16", "quant8", "svd", "proposed", "offline"]
+    assert methods == ["uncompressed", "quant16", "quant8", "svd", "proposed", "proposed+int8", "offline"]
     by = {r.method: r for r in result.rows}
     assert by["quant8"].size_bytes < by["quant16"].size_bytes < by["uncompressed"].size_bytes
     assert by["svd"].size_bytes < by["uncompressed"].size_bytes
+    assert by["proposed+int8"].size_bytes < by["proposed"].size_bytes
     assert by["uncompressed"].relative_change == 0.0
     for row in result.rows:
         assert 0.0 <= row.accuracy <= 1.0
         assert row.latency_ms[1] > 0 and row.latency_ms[64] > 0 and Path(row.onnx).exists()
-    assert "offline" in to_markdown(result) and to_csv(result).count("\n") == 7
+    assert "offline" in to_markdown(result) and to_csv(result).count("\n") == 8
 
 
 def test_reuse_skips_training_and_needs_train_otherwise(setup, tmp_path: Path) -> None:
