@@ -72,3 +72,17 @@ def write_sentiment_jsonl(path: Path, n: int, seed: int = 0, labels: tuple = ("n
         lines.append(json.dumps({"text": " ".join(words), "label": label}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_classifier(path: Path, words: int = 120, embed_dim: int = 8, seed: int = 0) -> Path:
+    """A tiny untrained DAN classifier over the vocabulary ``<pad> <unk> w0 ... w{words-1}`` (no training)."""
+    from embcompress.classifier import Classifier, save_classifier
+    from embcompress.data import PAD, UNK, LabelSet, Vocab
+    from embcompress.models import build_model
+
+    torch.manual_seed(seed)
+    vocab = Vocab([PAD, UNK, *(f"w{i}" for i in range(words))])
+    model = build_model({"arch": "dan", "vocab_size": len(vocab), "embed_dim": embed_dim, "num_classes": 3,
+                         "hidden": [16], "dropout": 0.0}).eval()
+    save_classifier(Classifier(model, vocab, LabelSet(["a", "b", "c"])), path)
+    return path
