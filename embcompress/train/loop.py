@@ -425,6 +425,7 @@ def fit(
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     state: dict | None = None,
+    start_dev_accuracy: float | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.epochs`` epochs, keep the best-on-dev weights, and return them with a resume state.
 
@@ -433,7 +434,9 @@ def fit(
     ``state`` (from ``FitResult.state`` or ``record.state``) continues that run: finished epochs are not redone and
     the result equals an uninterrupted run's; ``config`` must match it except for ``epochs``, ``device``, ``amp``
     and ``eval_batch_size``. Without ``dev_ds`` the last epoch counts as the best. The best weights are loaded
-    into ``model`` before returning (ties keep the earlier epoch).
+    into ``model`` before returning (ties keep the earlier epoch). ``start_dev_accuracy`` (the dev accuracy of the
+    weights as given) makes the starting point a candidate, epoch 0: fine-tuning then never returns weights that
+    are worse on dev than the ones it started from.
     """
     config.validate()
     if len(train_ds) == 0:
@@ -472,6 +475,8 @@ def fit(
         seed_everything(config.seed)
         start_epoch, history = 0, []
         best: dict = {"epoch": None, "dev_accuracy": None, "weights": None}
+        if start_dev_accuracy is not None and dev_ds is not None:
+            best = {"epoch": 0, "dev_accuracy": start_dev_accuracy, "weights": _to_cpu(model.state_dict())}
     else:
         _check_resume(state, signature)
         model.load_state_dict(state["model"])

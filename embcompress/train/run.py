@@ -112,7 +112,8 @@ def _fit_and_save(
         if on_epoch:
             on_epoch(record)
 
-    result = fit(clf.model, train_ds, dev_ds, config, on_step=on_step, on_epoch=epoch_done, state=state)
+    result = fit(clf.model, train_ds, dev_ds, config, on_step=on_step, on_epoch=epoch_done, state=state,
+                 start_dev_accuracy=dev_before if phase == "finetune" else None)
     clf.history = clf.history + [{"phase": phase, **r.to_dict()} for r in result.history]
     if is_main_process():
         save_classifier(clf, output, inputs=inputs, force=force)
@@ -191,7 +192,8 @@ def finetune_classifier(
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> TrainReport:
     """Continue training a (factorized or any) classifier; factorized tables keep their shapes, so the model stays
-    small. Reports dev accuracy before and after."""
+    small. Reports dev accuracy before and after. With a dev set the starting model competes as epoch 0: when no
+    epoch beats it on dev, it is what gets written."""
     config = config or TrainConfig(**FINETUNE_DEFAULTS)
     config.validate()
     src, train_path, out = Path(model_path), Path(train_path), Path(output)

@@ -1,4 +1,5 @@
-"""Smoke tests of scripts/plot_schedules.py and scripts/sst2_recovery.py, run as a user would (subprocesses).
+"""Smoke tests of scripts/plot_schedules.py, sst2_recovery.py and reproduce_sst2.py, run as a user would
+(subprocesses).
 
 The SST-2 one runs ``--quick`` (tiny subsets, one epoch, one thread) and is skipped when ``../shared/data/sst2``
 (beside the repository) is absent.
@@ -65,3 +66,41 @@ def test_sst2_recovery_quick(tmp_path: Path) -> None:
         assert runs["finetuned"]["factorized"] is True
     assert "![CLR vs CALR](schedules.png)" in md
     assert "## Recovery at R = 90 %" in md
+
+
+@pytest.mark.skipif(not (SST2 / "train.jsonl").is_file() or not (SST2.parent / "trec" / "train.jsonl").is_file(),
+                    reason=f"SST-2 or TREC data not found beside {SST2}")
+def test_reproduce_quick(tmp_path: Path) -> None:
+    _run(str(SCRIPTS / "reproduce_sst2.py"), "--quick", "--out-dir", str(tmp_path), timeout=300)
+    doc = json.loads((tmp_path / "sst2.json").read_text(encoding="utf-8"))
+    md = (tmp_path / "sst2.md").read_text(encoding="utf-8")
+    assert _is_png(tmp_path / "schedules.png") and _is_png(tmp_path / "sst2_compression.png")
+    assert doc["quick"] is True and doc["wall_seconds"] > 0
+    assert set(doc["summary"]) == {"sst2.dan_rand", "sst2.lstm", "trec.dan_rand", "trec.lstm"}
+    for key, summary in doc["summary"].items():
+        main = summary["main"]
+        assert {"uncompressed", "fair", "quant16", "quant8", "svd", "proposed", "offline"} == set(main)
+        assert main["quant8"]["size_bytes"] < main["quant16"]["size_bytes"] < main["uncompressed"]["size_bytes"]
+        assert main["proposed"]["size_bytes"] < main["uncompressed"]["size_bytes"]
+        assert len(main["proposed"]["test_accuracy"]["values"]) == len(doc["settings"]["seeds"])
+        sweep = [e["reduction"] for e in summary["sweep"]]
+        assert sweep == (doc["settings"]["reductions"] if key.startswith("sst2") else [0.9])
+        assert ("schedules" in summary) == key.startswith("sst2")
+    assert doc["data"]["trec"]["dev"] > 0 and doc["tables"]["sst2.dan_rand"][1] == 300
+    assert "## Table 1" in md and "## Table 4" in md and "TREC, LSTM" in md
+    # the page is a rendering of the JSON: re-rendering gives the same text
+    _run(str(SCRIPTS / "reproduce_sst2.py"), "--render-only", "--out-dir", str(tmp_path), timeout=60)
+    assert (tmp_path / "sst2.md").read_text(encoding="utf-8") == md
+
+
+@pytest.mark.skipif(not (SST2 / "train.jsonl").is_file(), reason=f"SST-2 data not found at {SST2}")
+def test_beyond_quick(tmp_path: Path) -> None:
+    _run(str(SCRIPTS / "beyond_sst2.py"), "--quick", "--out-dir", str(tmp_path), timeout=300)
+    doc = json.loads((tmp_path / "beyond.json").read_text(encoding="utf-8"))
+    assert set(doc["summary"]) == {"dan_rand", "lstm"}
+    for s in doc["summary"].values():
+        assert s["svd"]["rank"] == s["weighted"]["rank"] >= 1
+        assert s["svd"]["table_bytes"] == s["weighted"]["table_bytes"] < s["table_float32_bytes"]
+        assert s["svd_int8"]["table_bytes"] < s["svd"]["table_bytes"]
+        assert s["weighted"]["rel_error"]["mean"] >= s["svd"]["rel_error"]["mean"] - 1e-6  # plain SVD is optimal
+    assert "## Targets" in (tmp_path / "beyond.md").read_text(encoding="utf-8")

@@ -89,3 +89,16 @@ def test_errors(tmp_path: Path, data) -> None:
     unseen.write_text('{"text": "good", "label": "pos"}\n{"text": "meh", "label": "neutral"}\n')
     with pytest.raises(DataError, match=r"unseen.jsonl:2"):
         evaluate_classifier(out, unseen, device="cpu")
+
+
+def test_finetune_keeps_the_starting_model_when_no_epoch_beats_it(tmp_path: Path, data) -> None:
+    train, dev = data
+    report = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=16,
+                              config=TrainConfig(epochs=8, **FAST))
+    # a rate this high wrecks the model in one epoch: the start must win on dev and be written unchanged
+    ft = finetune_classifier(report.output, train, dev, tmp_path / "ft.safetensors",
+                             config=TrainConfig(epochs=1, batch_size=16, lr=50.0, optimizer="sgd", device="cpu"))
+    assert ft.history[0]["dev_accuracy"] < ft.dev_before
+    assert ft.best_epoch == 0 and ft.dev_after == ft.dev_before
+    before, after = load_classifier(report.output).model.state_dict(), load_classifier(ft.output).model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
