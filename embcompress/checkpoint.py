@@ -416,6 +416,7 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
     try:
         save_file(_unshared(tensors), str(file), metadata=metadata)
+        os.chmod(file, 0o666 & ~_umask())  # safetensors writes 0600; inside a folder nothing else fixes the mode
         with open(file, "rb") as fh:
             os.fsync(fh.fileno())
     except OSError as e:

@@ -153,3 +153,14 @@ def test_outputs_get_the_usual_file_mode(tmp_path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_weights_inside_a_folder_get_the_usual_file_mode(tmp_path: Path) -> None:
+    from embcompress.factorize import factorize
+    from tests.builders import bert_state, write_hf_folder
+
+    src = write_hf_folder(tmp_path / "bert", bert_state())
+    out = Path(factorize(src, reduction=0.5, output=tmp_path / "bert-r50").output)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

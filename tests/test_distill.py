@@ -147,7 +147,9 @@ def test_cli_finetune_teacher_and_evaluate_similarity(pair: dict[str, Path], tmp
     assert code == 0 and "mean cosine" in captured.out
     # the workspace record names what was written, with the cosine
     record = json.loads(Path("embcompress-workspace.json").read_text())
-    assert [e["command"] for e in record["entries"]][:1] == ["finetune"]
+    assert [e["command"] for e in record["entries"]] == ["finetune", "evaluate", "evaluate"]
+    assert record["entries"][-1]["figures"]["cosine_mean"] == pytest.approx(sim["mean"], abs=1e-6)
+    assert [a["role"] for a in record["entries"][-1]["inputs"]] == ["model", "original", "texts"]
     code = main(["finetune", str(pair["student"]), "--teacher", str(pair["teacher"]), "--data",
                  str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")])
     assert code == 2 and "missing.txt" in capsys.readouterr().err

@@ -241,6 +241,51 @@ def test_onnx_export_parity(folders: dict[str, Path], tmp_path: Path) -> None:
         hf.export_onnx(folders["bert-r50"], tmp_path / "m.onnx")
 
 
+def test_cli_export_of_a_folder(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`embcompress export FOLDER` takes the Hugging Face route: JSON and human output, latency, the record."""
+    pytest.importorskip("onnxruntime")
+    from embcompress.cli.main import main
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "m.onnx"
+    code = main(["export", str(folders["bert-r50"]), "-o", str(out), "--data", str(texts), "--threads", "1",
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["output"] == str(out) and out.is_file() and report["bytes"] == out.stat().st_size
+    assert report["parity_texts"] == len(TEXTS) and report["max_abs_diff_embedding"] < 1e-4
+    assert report["latency_ms"] > 0
+    entry = json.loads(Path("embcompress-workspace.json").read_text())["entries"][-1]
+    assert entry["command"] == "export" and entry["outputs"][0]["role"] == "onnx"
+    assert entry["figures"]["latency_ms"] == report["latency_ms"] and entry["figures"]["threads"] == 1
+    code = main(["export", str(folders["bert-r50"]), "--quantize", "int8", "-o", str(tmp_path / "q.onnx"),
+                 "--threads", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "int8" in captured.out and "latency:" in captured.out and "1 thread)" in captured.out
+    assert (tmp_path / "q.onnx").stat().st_size < out.stat().st_size
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--quantize", "fp16"], "must be int8 for a Hugging Face model"),
+    (["--device", "cuda"], "checked on the CPU"),
+    (["--opset", "9"], "--opset must be between"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--data", "missing.txt"], "missing.txt: no such file"),
+])
+def test_cli_export_of_a_folder_refuses(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        args: list[str], message: str) -> None:
+    pytest.importorskip("onnxruntime")
+    from embcompress.cli.main import main
+
+    code = main(["export", str(folders["bert-r50"]), "-o", str(tmp_path / "m.onnx"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_errors(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(CheckpointError, match="not a Hugging Face model folder"):
         hf.load(tmp_path)

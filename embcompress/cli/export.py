@@ -9,6 +9,7 @@ import typer
 
 from .. import workspace
 from ..export import export_onnx
+from ..hf import is_hf_folder
 from ._options import JsonOpt
 from ._render import console, err_console, human_bytes, pct, print_json, table
 
@@ -19,24 +20,29 @@ EXAMPLES = """Examples:
   embcompress export dan.safetensors -o dan.int8.onnx --quantize int8 --data dev.jsonl
 
   embcompress export lstm.safetensors --quantize fp16 --opset 18 --force --json
+
+  embcompress export minilm-r90 --quantize int8     (a Hugging Face folder)
 """
 
 
 def export(
-    model: Annotated[Path | None, typer.Argument(help="A classifier (dense, factorized, fine-tuned or quantized). "
-                     "Default: the last model in the workspace record.", show_default=False)] = None,
+    model: Annotated[Path | None, typer.Argument(help="A classifier (dense, factorized, fine-tuned or quantized), "
+                     "or a Hugging Face encoder folder. Default: the last model in the workspace record.",
+                     show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="The .onnx file to write. Default: beside "
                       "the model (model.onnx, model.int8.onnx, model.fp16.onnx).", show_default=False)] = None,
     quantize: Annotated[str | None, typer.Option("--quantize", help="int8 (onnxruntime dynamic quantization) or "
                         "fp16 (float16 weights and arithmetic). Default: float32.", show_default=False)] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 13 to 20.")] = 17,
     data: Annotated[Path | None, typer.Option("--data", help="Texts for the parity check, JSON Lines "
-                    "({\"text\": ...} a line; labels ignored). Default: sentences of vocabulary tokens.",
+                    "({\"text\": ...} a line; labels ignored), or .txt for a Hugging Face folder. Default: sentences "
+                    "of vocabulary tokens (a built-in set for a Hugging Face folder).",
                     show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="Where onnxruntime runs the parity check: auto (CUDA "
                       "where present), cpu or cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="onnxruntime intra-op threads for the parity "
-                       "check. Default: onnxruntime's choice.", show_default=False)] = None,
+                       "check (and the latency of a Hugging Face encoder). Default: onnxruntime's choice.",
+                       show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     json: JsonOpt = False,
 ) -> None:
@@ -46,10 +52,19 @@ def export(
     averages the k-dim rows of W_a before projecting; an LSTM runs without packed sequences. onnxruntime is
     always checked against PyTorch: float32 logits must agree to 1e-4, or nothing is written; with --quantize the
     agreement of predictions and the largest logit difference are reported.
+
+    A Hugging Face encoder folder (the [hf] extra) becomes input_ids, attention_mask -> last_hidden_state,
+    sentence_embedding (float32, or --quantize int8), checked against torch, with the latency of one sentence.
     """
     model, recorded = workspace.take(model, "model", what="model")
     if recorded and not json:
         err_console.print(f"using {model} (the last model in the workspace record)")
+    if is_hf_folder(model):
+        from ._hf import export_hf
+
+        export_hf(model, output, quantize=quantize, opset=opset, data=data, device=device, threads=threads,
+                  force=force, json=json)
+        return
     status = err_console.status("loading", spinner="dots") if not json else None
     if status:
         status.start()
