@@ -117,6 +117,7 @@ def factorize(
     method: str = "exact",
     counts: Counts | None = None,
     smoothing: float = DEFAULT_SMOOTHING,
+    weight_power: float = 1.0,
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
     device: str = "cpu",
@@ -128,7 +129,7 @@ def factorize(
     that fraction of sum s_i^2). ``output`` defaults to ``model.r90.safetensors`` (or ``<folder>-r90``) beside the
     input. ``force`` replaces an existing output and allows a rank at or above break-even. ``device`` runs the SVD
     there (``auto``: CUDA where present); the factors are written from the CPU. ``method="weighted"`` needs
-    ``counts`` (``embcompress.weighting``): each row is weighted by its count plus ``smoothing``.
+    ``counts`` (``embcompress.weighting``): each row is weighted by (count + ``smoothing``) ** ``weight_power``.
     """
     start = time.perf_counter()
     if sum(x is not None for x in (reduction, rank, energy)) != 1:
@@ -142,8 +143,8 @@ def factorize(
     if (method == "weighted") != (counts is not None):
         raise InputError("--method weighted needs token counts (--counts FILE or --corpus TEXTS), and counts "
                          "need --method weighted")
-    weights = counts.weights(smoothing) if counts is not None else None
-    weighting = {**counts.to_dict(), "smoothing": smoothing} if counts is not None else None
+    weights = counts.weights(smoothing, weight_power) if counts is not None else None
+    weighting = {**counts.to_dict(), "smoothing": smoothing, "power": weight_power} if counts is not None else None
     src = Path(path)
     dev = resolve_device(device)
     with load_checkpoint(src) as ckpt:

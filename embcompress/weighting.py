@@ -3,7 +3,8 @@
 Plain SVD minimises sum_i ||w_i - w^_i||^2 over all rows alike, so a token seen once costs as much rank as "the".
 The weighted SVD minimises sum_i f_i ||w_i - w^_i||^2 instead (GroupReduce, Chen et al. 2018): scale row i by
 sqrt(f_i), take the truncated SVD, scale back. The weights are counts plus a smoothing term (default 1, so that a
-token absent from the counts still gets a reconstruction rather than a zero row).
+token absent from the counts still gets a reconstruction rather than a zero row), optionally raised to a power
+below 1 to soften the dominance of the most frequent tokens.
 
 Counts come from a file (``read_counts``) or are counted on a corpus with the model's own tokenizer
 (``count_corpus``): the vocabulary of an embcompress classifier, or the tokenizer of a Hugging Face model folder.
@@ -34,11 +35,16 @@ class Counts:
     tokens_counted: int
     unmatched: int = 0
 
-    def weights(self, smoothing: float = DEFAULT_SMOOTHING) -> torch.Tensor:
-        """Row weights f_i = count_i + smoothing (float64), the weights of the weighted SVD."""
+    def weights(self, smoothing: float = DEFAULT_SMOOTHING, power: float = 1.0) -> torch.Tensor:
+        """Row weights f_i = (count_i + smoothing) ** power (float64), the weights of the weighted SVD.
+
+        ``power`` below 1 flattens Zipf's law: 0.5 weights by the square root of the count, 0 is plain SVD.
+        """
         if not smoothing > 0 or not np.isfinite(smoothing):
             raise InputError(f"--smoothing must be a positive number, got {smoothing}")
-        return torch.from_numpy(self.counts.astype(np.float64) + smoothing)
+        if not 0 <= power <= 4:
+            raise InputError(f"--weight-power must be in [0, 4], got {power}")
+        return torch.from_numpy((self.counts.astype(np.float64) + smoothing) ** power)
 
     def to_dict(self) -> dict[str, object]:
         return {"source": self.source, "tokens_counted": self.tokens_counted, "rows": int(self.counts.size),

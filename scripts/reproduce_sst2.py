@@ -33,7 +33,6 @@ import math
 import multiprocessing
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -509,11 +508,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     machine = machine_info()  # the commit the run starts from
-    try:
-        machine["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                                   capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        machine["git_dirty"] = None
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     with tempfile.TemporaryDirectory(prefix="reproduce_") as tmpname:
         files = data_files(settings, Path(tmpname))

@@ -164,8 +164,10 @@ def machine_info() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit, dirty = None, None
     return {
         "cpu_model": cpu,
         "logical_cpus": os.cpu_count(),
@@ -176,6 +178,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "embcompress_version": embcompress.__version__,
         "git_commit": commit,
+        "git_dirty": dirty,
         "device": "cpu",
     }
 

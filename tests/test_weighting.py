@@ -68,6 +68,9 @@ def test_read_counts_formats(tmp_path: Path) -> None:
     assert read_counts(js, 3).counts.tolist() == [1, 2, 3]
     w = Counts(np.array([0.0, 3.0]), "x", 3).weights(0.5)
     assert w.tolist() == [0.5, 3.5]
+    assert Counts(np.array([0.0, 3.0]), "x", 3).weights(1.0, 0.5).tolist() == [1.0, 2.0]
+    with pytest.raises(InputError, match="weight-power"):
+        Counts(np.array([1.0]), "x", 1).weights(1.0, -1.0)
 
 
 @pytest.mark.parametrize("text, match", [("1\n2\n", "2 counts"), ("a -1\n", "non-negative"), ("a b c\n", "3 fields"),

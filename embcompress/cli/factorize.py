@@ -52,6 +52,8 @@ def factorize(
                       ".jsonl with 'text') counted with the model's own tokenizer.", show_default=False)] = None,
     smoothing: Annotated[float, typer.Option("--smoothing", help="With --method weighted: added to every count, "
                          "so unseen tokens keep a reconstruction.")] = 1.0,
+    weight_power: Annotated[float, typer.Option("--weight-power", help="With --method weighted: weights are "
+                            "(count + smoothing) ** this; 0.5 softens the pull of the most frequent tokens.")] = 1.0,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of a rule: the smallest k whose "
                         "dev accuracy stays within this many accuracy points (a fraction: 0.01 = 1 point) of the "
                         "original classifier's, found by bisection over k.", show_default=False)] = None,
@@ -81,7 +83,8 @@ def factorize(
         token_counts = load_counts(path, split_list(tables), counts, corpus)
         result = factorize_checkpoint(
             path, reduction=reduction, rank=rank, energy=energy, tables=split_list(tables), method=method,
-            counts=token_counts, smoothing=smoothing, output=output, force=force, device=device,
+            counts=token_counts, smoothing=smoothing, weight_power=weight_power, output=output, force=force,
+            device=device,
             progress=(lambda msg: status.update(msg)) if status else None,
         )
     finally:
@@ -97,7 +100,7 @@ def factorize(
     workspace.record(
         "factorize",
         options={"reduction": reduction, "rank": rank, "energy": energy, "method": method,
-                 "tables": split_list(tables), **({"smoothing": smoothing} if token_counts else {})},
+                 "tables": split_list(tables), **({"smoothing": smoothing, "weight_power": weight_power} if token_counts else {})},
         inputs=[("model", path), *([("counts", counts)] if counts else []), *([("corpus", corpus)] if corpus else [])],
         outputs=[("model", Path(result.output))],
         figures=figures,
@@ -123,7 +126,7 @@ def factorize(
     if token_counts is not None:
         w = token_counts.to_dict()
         console.print(f"weighted by {w['tokens_counted']:,} token counts from {w['source']} ({w['rows_seen']:,} of "
-                      f"{w['rows']:,} rows seen, smoothing {smoothing:g}); rel. error is the plain, unweighted one")
+                      f"{w['rows']:,} rows seen, smoothing {smoothing:g}, power {weight_power:g}); rel. error is the plain, unweighted one")
 
 
 def _budget(path: Path, max_drop: float, dev: Path | None, data: Path | None, epochs: int, output: Path | None,
