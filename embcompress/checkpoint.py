@@ -444,18 +444,22 @@ def save_checkpoint(
     if like.kind != "hf":
         save_safetensors(tensors, out, meta)
         return
-    src = like.path
-    weight_names = set(WEIGHT_FILES) | {f.name for f in like.files}
     with atomic_path(out, directory=True) as tmp:
-        for item in src.iterdir():
-            if item.name in weight_names or item.name.startswith("."):
-                continue
-            target = tmp / item.name
-            if item.is_dir():
-                shutil.copytree(item, target)
-            else:
-                shutil.copy2(item, target)
+        copy_folder_files(like.path, tmp, skip={f.name for f in like.files})
         _write_safetensors(tensors, tmp / "model.safetensors", meta)
+
+
+def copy_folder_files(src: Path, dst: Path, skip: set[str] | None = None) -> None:
+    """Copy a model folder's files other than its weights (config, tokenizer, pooling ...) into ``dst``; names in
+    ``skip`` and hidden files stay behind."""
+    skip = set(WEIGHT_FILES) | (skip or set())
+    for item in src.iterdir():
+        if item.name in skip or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
 
 
 def default_output(path: Path, tag: str) -> Path:

@@ -44,9 +44,9 @@ from . import __version__
 from .checkpoint import (
     FORMAT_VERSION,
     META_KEY,
-    WEIGHT_FILES,
     atomic_path,
     check_output,
+    copy_folder_files,
     load_checkpoint,
     save_safetensors,
 )
@@ -461,15 +461,8 @@ def save(
         config.architectures = [type(model).__name__]
     with atomic_path(out, directory=True) as tmp:
         if src is not None and src.is_dir():
-            skip = set(WEIGHT_FILES) | {p.name for p in src.glob("model-*.safetensors")} | {
-                p.name for p in src.glob("pytorch_model-*.bin")}
-            for item in src.iterdir():
-                if item.name in skip or item.name.startswith("."):
-                    continue
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-                else:
-                    shutil.copy2(item, tmp / item.name)
+            copy_folder_files(src, tmp, skip={p.name for p in src.glob("model-*.safetensors")}
+                              | {p.name for p in src.glob("pytorch_model-*.bin")})
         if config is not None and not _config_unchanged(src, config):
             with quiet():
                 config.to_json_file(str(tmp / "config.json"))

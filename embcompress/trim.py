@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,9 +35,9 @@ import torch
 from . import __version__, hf
 from .checkpoint import (
     META_KEY,
-    WEIGHT_FILES,
     Checkpoint,
     atomic_path,
+    copy_folder_files,
     check_output,
     default_output,
     load_checkpoint,
@@ -595,15 +594,8 @@ def _write_hf(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], out: Path, tok
     """Write a trimmed Hugging Face folder atomically, after checking its tokenizer on the corpus."""
     src = ckpt.path
     meta = {"format": "pt", **{k: v for k, v in ckpt.metadata.items() if k != META_KEY}, **metadata}
-    skip = set(WEIGHT_FILES) | {f.name for f in ckpt.files}
     with atomic_path(out, directory=True) as tmp:
-        for item in src.iterdir():
-            if item.name in skip or item.name.startswith("."):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
+        copy_folder_files(src, tmp, skip={f.name for f in ckpt.files})
         rewritten, dropped = _rewrite_hf_files(src, tmp, tok, remap, rows_before, len(remap))
         new_tokenizer = hf.load_tokenizer(tmp)
         new_ids = new_tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]

@@ -19,7 +19,6 @@ import argparse
 import datetime as _dt
 import json
 import multiprocessing
-import os
 import sys
 import tempfile
 import time

@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 import embcompress  # noqa: E402
 from embcompress.factorize import factorize  # noqa: E402
-from embcompress.rank import achieved_reduction, choose_rank  # noqa: E402
+from embcompress.rank import choose_rank  # noqa: E402
 from embcompress.train.loop import TrainConfig  # noqa: E402
 from embcompress.train.run import (  # noqa: E402
     FINETUNE_DEFAULTS,

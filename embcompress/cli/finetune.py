@@ -29,7 +29,7 @@ from ._options import (
     WeightDecayOpt,
 )
 from ._progress import run_training
-from ._render import console, err_console, print_json, render_training
+from ._render import err_console, print_json, render_training
 
 EXAMPLES = """Examples:
 
