@@ -404,8 +404,20 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for key, s in summ.items():
         items = s["shortfalls"] or ["none: proposed is at least as accurate as offline and quant8 and within 2 % "
                                     f"of the uncompressed model at R = {pct(R, 0)} %"]
-        add(f"- {key.replace('.', ' ').upper()}: " + "; ".join(items) + ".")
+        add(f"- {key.split('.')[0].upper()} {labels[key.split('.')[1]]}: " + "; ".join(items) + ".")
     add("")
+    q8 = [s["main"]["quant8"] for s in summ.values()]
+    add(f"- int8 (quant8) is nearly free on these models (relative change between "
+        f"{signed(min(q['relative_to_uncompressed']['mean'] for q in q8))} and "
+        f"{signed(max(q['relative_to_uncompressed']['mean'] for q in q8))}) but stops at files "
+        f"{pct(min(q['size_reduction'] for q in q8), 0)}-{pct(max(q['size_reduction'] for q in q8), 0)} % smaller; the "
+        "low-rank table goes as far as R asks and combines with int8 (`compare`'s `proposed+int8` row; "
+        "[beyond.md](beyond.md) measures the table at a few per cent of its float32 bytes).")
+    for key, s in summ.items():
+        kept = [pct(e["reduction"], 0) for e in s["sweep"] if e["proposed"]["test_accuracy"] == e["svd"]["test_accuracy"]]
+        if kept:
+            add(f"- {key.split('.')[0].upper()} {labels[key.split('.')[1]]}: at R = {', '.join(kept)} % no fine-tuning epoch beat the plain "
+                "SVD on dev, so the proposed model is the SVD itself (fine-tuning keeps its starting point).")
     add("- The fine-tuning rate matters most where the SVD alone loses most (LSTM, k = 4): it is chosen on dev for "
         "each data set and model (below), and fine-tuning keeps its starting point when no epoch beats it on dev.")
     add("- A fair budget matters: the uncompressed model trained E + F epochs is the reference that does not "
