@@ -148,6 +148,10 @@ def compare(
     baselines = parse_baselines(baselines)
     reductions = parse_reductions(reductions)
     reuse = dict(reuse or {})
+    ft_epochs = finetune_epochs or FINETUNE_DEFAULTS["epochs"]
+    ft_lr = finetune_lr or FINETUNE_DEFAULTS["lr"]
+    if ft_epochs < 1 or ft_lr <= 0:
+        raise InputError(f"fine-tuning needs at least one epoch and a positive rate, got {ft_epochs} and {ft_lr:g}")
     base = load_classifier(src)
     if base.is_factorized:
         raise InputError(f"{src}: already factorized; compare starts from the uncompressed classifier")
@@ -158,10 +162,6 @@ def compare(
     work.mkdir(parents=True, exist_ok=True)
     dev_device = resolve_device(device)
     test_ds = base.encode(read_jsonl(data))
-    ft_epochs = finetune_epochs or FINETUNE_DEFAULTS["epochs"]
-    ft_lr = finetune_lr or FINETUNE_DEFAULTS["lr"]
-    if ft_epochs < 1 or ft_lr <= 0:
-        raise InputError(f"fine-tuning needs at least one epoch and a positive rate, got {ft_epochs} and {ft_lr:g}")
     train_cfg = base.train or {}
     train_epochs = int(train_cfg.get("epochs") or TrainConfig.epochs)
     batches = _latency_batches(src, data, LATENCY_BATCHES) if latency else {}

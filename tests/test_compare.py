@@ -70,7 +70,8 @@ def test_finetune_rate_is_used_and_checked(setup) -> None:
     assert "peak lr 0.001" in result.rows[-1].note
     with pytest.raises(InputError, match="positive rate"):
         compare(model, data=dev, train=train, dev=dev, baselines=["svd"], reductions=[0.5], finetune_lr=-1.0,
-                latency=False, device="cpu")
+                latency=False, device="cpu", work_dir=model.parent / "refused")
+    assert not (model.parent / "refused").exists()
 
 
 def test_lstm_rows_are_timed(tmp_path: Path) -> None:
