@@ -172,12 +172,20 @@ def find_embeddings(ckpt: Checkpoint, tables: list[str] | None = None) -> list[E
                     candidates.append((info, f"named by --tables {pattern!r}"))
     else:
         shape_only: list[tuple[TensorInfo, str]] = []
+        small: list[tuple[TensorInfo, str]] = []  # named like a table, too few rows to gain from factorizing
         for info in ckpt.infos.values():
             if len(info.shape) != 2 or not info.is_floating or info.name in factors:
                 continue
             ok, reason = is_embedding_candidate(info.name, info.shape)
             if ok:
                 (shape_only if reason.startswith("shape only") else candidates).append((info, reason))
+            elif _name_match(info.name) is not None:
+                small.append((info, reason))
+        if not candidates and small:
+            # a tall tensor with another name (an MLP weight, say) is not the table when the table is there
+            info, reason = small[0]
+            raise TableError(f"{ckpt.path}: the embedding table {info.name} ({reason}) is too small to gain from "
+                             "factorizing; name a tensor with --tables to factorize it anyway")
         if not candidates:
             candidates = shape_only
     if not candidates:

@@ -74,3 +74,15 @@ def test_no_table_found(tmp_path: Path) -> None:
 )
 def test_candidate_rules(name: str, shape: tuple[int, int], ok: bool) -> None:
     assert is_embedding_candidate(name, shape)[0] is ok
+
+
+def test_small_named_table_is_not_replaced_by_a_tall_mlp_weight(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file({"embedding.weight": torch.randn(40, 32), "mlp.0.weight": torch.randn(1024, 32)}, str(path))
+    with load_checkpoint(path) as ckpt:
+        with pytest.raises(TableError, match="embedding.weight .* too small"):
+            find_embeddings(ckpt)
+        assert [t.name for t in find_embeddings(ckpt, tables=["embedding.weight"])] == ["embedding.weight"]
