@@ -24,6 +24,9 @@ import torch
 from .errors import CheckpointError, DataError, DependencyError, InputError
 
 DEFAULT_SMOOTHING = 1.0
+# files a Hugging Face folder keeps its tokenizer in (transformers builds an empty tokenizer without them)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,9 @@ def count_corpus(model: str | os.PathLike[str], corpus: str | os.PathLike[str], 
     texts = hf.read_texts(corpus)
     src = Path(model)
     if hf.is_hf_folder(src):
+        if not any((src / f).is_file() for f in TOKENIZER_FILES):
+            raise InputError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to count --corpus with; give "
+                             "--counts")
         tokenizer = hf.load_tokenizer(src)
         ids = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         return count_ids(ids, rows, str(corpus))

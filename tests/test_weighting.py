@@ -120,3 +120,15 @@ def test_factorize_weighted_records_its_weighting(classifier, tmp_path: Path) ->
     with pytest.raises(InputError, match="5 token counts"):
         factorize(model, reduction=0.5, method="weighted", counts=short, output=tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_corpus_needs_a_tokenizer_in_a_hf_folder(tmp_path: Path) -> None:
+    from tests.builders import bert_state, write_hf_folder
+
+    folder = write_hf_folder(tmp_path / "bert", bert_state())
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello world\n")
+    assert count_corpus(folder, texts, 1000).tokens_counted > 0  # vocab.txt is there
+    (folder / "vocab.txt").unlink()
+    with pytest.raises(InputError, match="no tokenizer files"):
+        count_corpus(folder, texts, 1000)
