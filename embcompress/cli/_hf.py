@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import workspace
 from ..errors import InputError
+from ._progress import spinner
 from ._render import console, err_console, human_bytes, print_json, table
 
 PARITY_TEXT_LIMIT = 32  # texts of --data used for the ONNX parity check
@@ -192,14 +193,8 @@ def export_hf(model: Path, output: Path | None, *, quantize: str | None, opset: 
     if threads is not None and threads < 1:
         raise InputError(f"--threads must be at least 1, got {threads}")
     texts = read_texts(data, limit=PARITY_TEXT_LIMIT) if data is not None else None
-    status = err_console.status("exporting and checking in onnxruntime", spinner="dots") if not json else None
-    if status:
-        status.start()
-    try:
+    with spinner("exporting and checking in onnxruntime", not json):
         report = export_onnx(model, output, opset=opset, quantize=quantize, texts=texts, force=force, threads=threads)
-    finally:
-        if status:
-            status.stop()
     workspace.record(
         "export",
         options={"quantize": quantize, "opset": opset, "threads": threads},

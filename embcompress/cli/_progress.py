@@ -1,4 +1,5 @@
-"""A rich progress bar for training: one bar per epoch with the running loss, and a line per finished epoch."""
+"""Progress on stderr: a spinner with a status line for slow library calls, and a rich progress bar for training
+(one bar per epoch with the running loss, and a line per finished epoch)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,21 @@ from ._render import err_console
 StepFn = Callable[[int, int, int, float], None]
 EpochFn = Callable[[EpochRecord], None]
 T = TypeVar("T")
+
+
+@contextmanager
+def spinner(text: str, enabled: bool = True) -> Iterator[Callable[[str], None] | None]:
+    """Show a spinner with ``text`` on stderr while the block runs; yield the function that updates its text
+    (None when disabled, e.g. with ``--json``), to pass to a library call as its ``progress``."""
+    if not enabled:
+        yield None
+        return
+    status = err_console.status(text, spinner="dots")
+    status.start()
+    try:
+        yield status.update
+    finally:
+        status.stop()
 
 
 @contextmanager

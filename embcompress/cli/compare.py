@@ -13,6 +13,7 @@ from ..compare import compare as run_compare
 from ..errors import InputError
 from ..compare import parse_baselines, parse_reductions, plot, to_csv, to_markdown
 from ._options import DeviceOpt, DevOpt, JsonOpt
+from ._progress import spinner
 from ._render import console, err_console, human_bytes, pct, print_json, table
 
 EXAMPLES = """Examples:
@@ -80,18 +81,11 @@ def compare(
     reuse = workspace.finetuned_by_reduction(model)
     if taken and not json:
         err_console.print("from the workspace record: " + ", ".join(taken))
-    status = err_console.status("comparing", spinner="dots") if not json else None
-    if status:
-        status.start()
-    try:
+    with spinner("comparing", not json) as say:
         result = run_compare(model, data=data, train=train, dev=dev, baselines=parse_baselines(baselines),
                              reductions=parse_reductions(reductions), finetune_epochs=finetune_epochs,
-                             finetune_lr=finetune_lr, reuse=reuse,
-                             latency=not no_latency, repeats=repeats, device=device,
-                             progress=(lambda m: status.update(m)) if status else None)
-    finally:
-        if status:
-            status.stop()
+                             finetune_lr=finetune_lr, reuse=reuse, latency=not no_latency, repeats=repeats,
+                             device=device, progress=say)
     outputs = []
     if csv:
         _write(csv, to_csv(result))

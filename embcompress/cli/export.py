@@ -11,6 +11,7 @@ from .. import workspace
 from ..export import export_onnx
 from ..hf import is_hf_folder
 from ._options import JsonOpt
+from ._progress import spinner
 from ._render import console, err_console, human_bytes, pct, print_json, table
 
 EXAMPLES = """Examples:
@@ -65,15 +66,9 @@ def export(
         export_hf(model, output, quantize=quantize, opset=opset, data=data, device=device, threads=threads,
                   force=force, json=json)
         return
-    status = err_console.status("loading", spinner="dots") if not json else None
-    if status:
-        status.start()
-    try:
+    with spinner("loading", not json) as say:
         report = export_onnx(model, output, quantize=quantize, opset=opset, data=data, device=device, force=force,
-                             threads=threads, progress=(lambda msg: status.update(msg)) if status else None)
-    finally:
-        if status:
-            status.stop()
+                             threads=threads, progress=say)
     p = report.parity
     workspace.record(
         "export",

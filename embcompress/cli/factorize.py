@@ -14,7 +14,8 @@ from ..factorize import factorize as factorize_checkpoint
 from ..weighting import load_counts
 from ..train.loop import TrainConfig
 from ._options import CheckpointArg, DataOpt, DeviceOpt, DevOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
-from ._render import console, err_console, human_bytes, pct, print_json, shape, table
+from ._progress import spinner
+from ._render import console, human_bytes, pct, print_json, shape, table
 
 EXAMPLES = """Examples:
 
@@ -69,27 +70,22 @@ def factorize(
 ) -> None:
     """Factorize each embedding table W (V x d) into W_a = U_k (V x k) and W_b = S_k V_k^T (k x d).
 
-    Give exactly one of --reduction, --rank, --energy or --max-drop (with --dev, for classifiers). The output is the same kind as the input (a file, or a
-    model folder with its config and tokenizer); its metadata records what was done.
+    Give exactly one of --reduction, --rank, --energy or --max-drop (with --dev, for classifiers). The output is
+    the same kind as the input (a file, or a model folder with its config and tokenizer); its metadata records what
+    was done. --method weighted weights each token's row by its count (--counts, or --corpus counted with the
+    model's own tokenizer).
     """
     if max_drop is not None:
         _budget(path, max_drop, dev, data, finetune_epochs, output, force, device, json,
                 others=(reduction, rank, energy))
         return
-    status = err_console.status("reading checkpoint", spinner="dots") if not json else None
-    if status:
-        status.start()
-    try:
+    with spinner("reading checkpoint", not json) as say:
         token_counts = load_counts(path, split_list(tables), counts, corpus)
         result = factorize_checkpoint(
             path, reduction=reduction, rank=rank, energy=energy, tables=split_list(tables), method=method,
             counts=token_counts, smoothing=smoothing, weight_power=weight_power, output=output, force=force,
-            device=device,
-            progress=(lambda msg: status.update(msg)) if status else None,
+            device=device, progress=say,
         )
-    finally:
-        if status:
-            status.stop()
     figures = {
         "reduction_achieved": result.reduction_achieved,
         "file_bytes_before": result.file_bytes_before,
@@ -100,7 +96,8 @@ def factorize(
     workspace.record(
         "factorize",
         options={"reduction": reduction, "rank": rank, "energy": energy, "method": method,
-                 "tables": split_list(tables), **({"smoothing": smoothing, "weight_power": weight_power} if token_counts else {})},
+                 "tables": split_list(tables),
+                 **({"smoothing": smoothing, "weight_power": weight_power} if token_counts else {})},
         inputs=[("model", path), *([("counts", counts)] if counts else []), *([("corpus", corpus)] if corpus else [])],
         outputs=[("model", Path(result.output))],
         figures=figures,
@@ -135,19 +132,12 @@ def _budget(path: Path, max_drop: float, dev: Path | None, data: Path | None, ep
         raise InputError("give --max-drop alone, without --reduction, --rank or --energy")
     if dev is None:
         raise InputError("--max-drop needs --dev (the examples that measure the drop)")
-    status = err_console.status("bisecting over k", spinner="dots") if not json else None
-    if status:
-        status.start()
-    try:
+    with spinner("bisecting over k", not json) as say:
         result = rank_for_budget(
             path, dev, max_drop=max_drop, train_path=data, finetune_epochs=epochs, output=output, force=force,
             config=TrainConfig(lr=2e-3, device=device),
-            progress=(lambda t: status.update(f"k = {t.rank}: dev accuracy {100 * t.dev_accuracy:.2f} %"))
-            if status else None,
+            progress=(lambda t: say(f"k = {t.rank}: dev accuracy {100 * t.dev_accuracy:.2f} %")) if say else None,
         )
-    finally:
-        if status:
-            status.stop()
     workspace.record(
         "factorize",
         options={"max_drop": max_drop, "finetune_epochs": epochs},

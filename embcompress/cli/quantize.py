@@ -11,7 +11,8 @@ from .. import workspace
 from ..errors import InputError
 from ..quant import quantize as quantize_checkpoint
 from ._options import CheckpointArg, JsonOpt, split_list
-from ._render import console, err_console, human_bytes, print_json, shape, table
+from ._progress import spinner
+from ._render import console, human_bytes, print_json, shape, table
 
 EXAMPLES = """Examples:
 
@@ -54,15 +55,8 @@ def quantize(
     dequantize it on load. Factorize first, then quantize: the factors are quantized too.
     """
     nbits = _bits(bits)
-    status = err_console.status("reading checkpoint", spinner="dots") if not json else None
-    if status:
-        status.start()
-    try:
-        result = quantize_checkpoint(path, nbits, output, force, tables=split_list(tables),
-                                     progress=(lambda msg: status.update(msg)) if status else None)
-    finally:
-        if status:
-            status.stop()
+    with spinner("reading checkpoint", not json) as say:
+        result = quantize_checkpoint(path, nbits, output, force, tables=split_list(tables), progress=say)
     figures = {
         "bits": result.bits,
         "file_bytes_before": result.file_bytes_before,

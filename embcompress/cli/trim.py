@@ -10,7 +10,8 @@ import typer
 from .. import workspace
 from ..trim import trim as trim_checkpoint
 from ._options import CheckpointArg, JsonOpt
-from ._render import console, err_console, human_bytes, pct, print_json, shape, table
+from ._progress import spinner
+from ._render import console, human_bytes, pct, print_json, shape, table
 
 EXAMPLES = """Examples:
 
@@ -48,15 +49,9 @@ def trim(
     new tokenizer is checked on the corpus before anything is written: every text whose tokens were all kept
     gives the same tokens, so the model's outputs for it are identical. Trim first, then factorize or quantize.
     """
-    status = err_console.status("reading checkpoint", spinner="dots") if not json else None
-    if status:
-        status.start()
-    try:
+    with spinner("reading checkpoint", not json) as say:
         result = trim_checkpoint(path, corpus, output, keep_top=keep_top, min_count=min_count, force=force,
-                                 progress=(lambda msg: status.update(msg)) if status else None)
-    finally:
-        if status:
-            status.stop()
+                                 progress=say)
     workspace.record(
         "trim",
         options={"keep_top": keep_top, "min_count": min_count},
