@@ -1,8 +1,8 @@
 """Vocabulary trimming: keep only the tokens a corpus uses, and remap the tokenizer so nothing else changes.
 
-The corpus is counted with the model's own tokenizer (``weighting.count_corpus``). The rows kept are the tokens it
-uses (``min_count`` times or more, at most the ``keep_top`` most frequent), every special token, and the pieces the
-tokenizer needs to cut the corpus the same way (see ``_structural``). Every other row of the vocabulary table goes,
+The corpus is tokenized once with the model's own tokenizer and counted (``weighting.count_ids``). The rows kept
+are the tokens it uses (``min_count`` times or more, at most the ``keep_top`` most frequent), every special token,
+and the pieces the tokenizer needs to cut the corpus the same way (see ``_structural``). Every other row of the vocabulary table goes,
 from the table itself (or from W_a, ``<name>_a``, of a factorized table) and from every tensor tied to it or indexed
 by token (an untied output layer, its bias). The kept rows keep their order; token i becomes the i-th kept one.
 
@@ -49,7 +49,7 @@ from .data import PAD_ID, UNK_ID, Vocab, tokenize
 from .errors import CheckpointError, DataError, InputError
 from .quant import quant_meta
 from .tables import EmbeddingTable, find_embeddings
-from .weighting import count_corpus
+from .weighting import count_ids
 
 TRIM_META_KEY = "embcompress.trim"
 # Tensors indexed by token besides the table and its ties: output layers and their biases (rows = vocabulary).
@@ -520,8 +520,9 @@ def trim(
             raise InputError(f"{src}: the tokenizer has {tok.size} tokens but the table only {V} rows")
         if progress:
             progress(f"counting {corpus_path} with the model's tokenizer")
-        counts = count_corpus(src, corpus_path, V)
         texts = hf.read_texts(corpus_path)
+        old_ids = tok.encode(texts)  # tokenized once: counted here, compared with the new tokenizer's ids below
+        counts = count_ids(old_ids, V, str(corpus_path))
         special = {i for i in tok.special if i < V}
         corpus_kept, dropped = _choose(counts.counts, special, keep_top, min_count)
         if not corpus_kept:
@@ -558,7 +559,6 @@ def trim(
             metadata[META_KEY] = json.dumps(fact_meta)
         if progress:
             progress(f"writing {out}")
-        old_ids = tok.encode(texts)
         if tok.kind == "classifier":
             assert clf_meta is not None
             tokens = Vocab.from_dict(clf_meta["vocab"]).tokens
