@@ -11,7 +11,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import EmbcompressError
 from .export import ExportReport, export_onnx
 from .factorize import FactorizeResult, factorize, load_factorized
-from .modules import FactorizedEmbedding, TiedFactorizedLinear, compress_embeddings
+from .modules import FactorizedEmbedding, GroupedFactorizedEmbedding, TiedFactorizedLinear, compress_embeddings
 from .quant import QuantizeResult, dequantize_state, quantize, quantize_state
 from .rank import rank_for_reduction
 from .summary import inspect_checkpoint
@@ -24,6 +24,7 @@ __all__ = [
     "ExportReport",
     "FactorizeResult",
     "FactorizedEmbedding",
+    "GroupedFactorizedEmbedding",
     "QuantizeResult",
     "TiedFactorizedLinear",
     "__version__",

@@ -22,7 +22,7 @@ from .checkpoint import META_KEY, check_output, load_checkpoint, save_safetensor
 from .data import EncodedDataset, Example, LabelSet, Vocab, encode_examples
 from .errors import CheckpointError
 from .models import build_model, model_config
-from .modules import factorized_shapes
+from .modules import factor_specs, factorized_shapes
 from .quant import dequantized_state_dict
 
 MODEL_META_KEY = "embcompress.model"
@@ -45,16 +45,7 @@ class Classifier:
 
     @property
     def is_factorized(self) -> bool:
-        return any(name.endswith(".weight_a") for name in self.model.state_dict())
-
-
-def factorized_ranks(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """``{"embedding": k}`` for every ``embedding.weight_a`` (V x k) among the tensor shapes."""
-    return {
-        name.removesuffix(".weight_a"): shape[1]
-        for name, shape in shapes.items()
-        if name.endswith(".weight_a") and len(shape) == 2
-    }
+        return bool(factor_specs({n: tuple(t.shape) for n, t in self.model.state_dict().items()}))
 
 
 def load_classifier(path: str | os.PathLike[str]) -> Classifier:
@@ -74,7 +65,7 @@ def load_classifier(path: str | os.PathLike[str]) -> Classifier:
             labels = LabelSet.from_dict(meta["labels"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: the '{MODEL_META_KEY}' metadata is damaged ({e})") from None
-        ranks = factorized_ranks({n: i.shape for n, i in ckpt.infos.items()})
+        ranks = factor_specs({n: tuple(i.shape) for n, i in ckpt.infos.items()})
         if ranks:
             factorized_shapes(model, ranks)
         state = dequantized_state_dict(ckpt)  # a quantized file (embcompress quantize) loads as float

@@ -2,7 +2,9 @@
 
 Rows (the paper's Tables 2 and 4): the uncompressed model; ``quant16`` and ``quant8`` (``quantize``); ``svd``
 (factorized, not retrained); ``proposed`` (factorized, then fine-tuned with CALR: the paper's method);
-``proposed+int8`` (that model quantized to int8: low rank and fixed point combined); ``offline``
+``proposed+int8`` (that model quantized to int8: low rank and fixed point combined); ``groupreduce`` (asked for
+by name: GroupReduce blocks from the token counts of ``--train`` instead of the plain SVD, then the same
+fine-tuning as proposed); ``offline``
 (the paper's baseline 2: the initial embedding compressed before training, the SVD of the ``--init-vectors`` or a
 random low-rank table for DAN-RAND, then trained with the same epoch budget as uncompressed training plus
 fine-tuning). Each row is scored on the same data, its checkpoint measured on disk, and its ONNX graph timed in
@@ -32,8 +34,10 @@ from .quant import quantize
 from .rank import rank_for_reduction
 from .train.loop import TrainConfig, evaluate, resolve_device
 from .train.run import FINETUNE_DEFAULTS, finetune_classifier, train_classifier
+from .weighting import count_corpus
 
-BASELINES = ("quant8", "quant16", "offline", "svd", "proposed+int8")
+DEFAULT_BASELINES = ("quant8", "quant16", "offline", "svd", "proposed+int8")
+BASELINES = (*DEFAULT_BASELINES, "groupreduce")  # groupreduce costs one more fine-tuning per R: asked for by name
 LATENCY_BATCHES = (1, 64)
 
 
@@ -68,7 +72,7 @@ class CompareResult:
 def parse_baselines(text: str | list[str] | None) -> list[str]:
     """``"quant8,quant16"`` -> ``["quant8", "quant16"]``, refusing unknown names."""
     if not text:
-        return list(BASELINES)
+        return list(DEFAULT_BASELINES)
     names = [b.strip() for part in ([text] if isinstance(text, str) else text) for b in part.split(",") if b.strip()]
     bad = [b for b in names if b not in BASELINES]
     if bad:
@@ -155,7 +159,7 @@ def compare(
     base = load_classifier(src)
     if base.is_factorized:
         raise InputError(f"{src}: already factorized; compare starts from the uncompressed classifier")
-    needs_training = "offline" in baselines or any(r not in reuse for r in reductions)
+    needs_training = bool({"offline", "groupreduce"} & set(baselines)) or any(r not in reuse for r in reductions)
     if needs_training and train is None:
         raise InputError("compare needs --train (training examples) for the proposed and offline rows")
     work = Path(work_dir) if work_dir is not None else src.with_name(src.name.removesuffix(src.suffix) + ".compare")
@@ -219,6 +223,16 @@ def compare(
             q = work / f"proposed.{tag}.int8.safetensors"
             quantize(proposed, 8, q, force=True)
             add("proposed+int8", r, q, "int8", note="the proposed model, then int8 (factors included)")
+        if "groupreduce" in baselines:
+            say(f"groupreduce {tag}: factorizing by blocks, fine-tuning {ft_epochs} epochs with CALR")
+            counts = count_corpus(src, train, V)
+            grouped = factorize(src, reduction=r, method="groupreduce", counts=counts,
+                                output=work / f"groupreduce.{tag}.safetensors", force=True)
+            out = work / f"groupreduce.{tag}.ft.safetensors"
+            finetune_classifier(Path(grouped.output), train, dev, out, force=True,
+                                config=TrainConfig(epochs=ft_epochs, lr=ft_lr, seed=seed, device=device))
+            ranks = grouped.tables[0].blocks["ranks"]
+            add("groupreduce", r, out, note=f"{len(ranks)} blocks, ranks {ranks}; then as proposed")
         if "offline" in baselines:
             say(f"offline {tag}: training a rank-{k} table from the start")
             out = work / f"offline.{tag}.safetensors"

@@ -64,7 +64,7 @@ from .classifier import Classifier, load_classifier
 from .data import PAD_ID, UNK_ID, _decoded_lines, _open_binary, collate, tokenize
 from .errors import DataError, DependencyError, EmbcompressError, InputError, OutputError
 from .models import DAN, LSTMClassifier
-from .modules import FactorizedEmbedding
+from .modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding
 
 QUANTIZE_CHOICES = ("int8", "fp16")
 OPSET_RANGE = (13, 20)  # 13: ReduceSum with axes as an input; 20: the TorchScript exporter's newest
@@ -155,6 +155,16 @@ def _fold_linear(linear: nn.Linear, proj: torch.Tensor) -> nn.Linear:
     return folded
 
 
+def _grouped_copy(emb: nn.Module) -> GroupedFactorizedEmbedding | None:
+    """A frozen copy of a GroupReduce table (its block-wise lookup is exported as it is), else None."""
+    if not isinstance(emb, GroupedFactorizedEmbedding):
+        return None
+    copy = GroupedFactorizedEmbedding.from_factors([a.detach() for a in emb.weight_a],
+                                                   [b.detach() for b in emb.weight_b], emb.weight_groups,
+                                                   emb.padding_idx)
+    return copy.requires_grad_(False)
+
+
 class DANExport(nn.Module):
     """A DAN as ``input_ids -> logits`` with the masked mean taken before any projection.
 
@@ -168,6 +178,7 @@ class DANExport(nn.Module):
         emb = model.embedding
         layers = _head_layers(model)
         self.register_buffer("project", None)
+        self.lookup = _grouped_copy(emb)
         if isinstance(emb, FactorizedEmbedding):
             self.register_buffer("rows", emb.weight_a.detach().clone())
             proj = emb.weight_b.detach()
@@ -177,11 +188,14 @@ class DANExport(nn.Module):
             else:
                 self.register_buffer("project", proj.clone())
         else:
-            self.register_buffer("rows", emb.weight.detach().clone())
+            self.register_buffer("rows", None if self.lookup is not None else emb.weight.detach().clone())
         self.head = nn.Sequential(*layers)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        vectors = F.embedding(input_ids, self.rows)  # B x T x k (or d)
+        if self.lookup is not None:
+            vectors = self.lookup(input_ids)  # B x T x d, block by block
+        else:
+            vectors = F.embedding(input_ids, self.rows)  # B x T x k (or d)
         mask = (input_ids != self.pad_id).to(vectors.dtype)
         total = torch.matmul(mask.unsqueeze(1), vectors).squeeze(1)  # B x k: the sum over the real tokens
         mean = total / mask.sum(1, keepdim=True).clamp(min=1.0)
@@ -207,6 +221,7 @@ class LSTMExport(nn.Module):
         emb = model.embedding
         proj = None
         self.register_buffer("project", None)
+        self.lookup = _grouped_copy(emb)
         if isinstance(emb, FactorizedEmbedding):
             self.register_buffer("rows", emb.weight_a.detach().clone())
             if fold:
@@ -214,7 +229,7 @@ class LSTMExport(nn.Module):
             else:
                 self.register_buffer("project", emb.weight_b.detach().clone())
         else:
-            self.register_buffer("rows", emb.weight.detach().clone())
+            self.register_buffer("rows", None if self.lookup is not None else emb.weight.detach().clone())
         directions = ["", "_reverse"] if lstm.bidirectional else [""]
         self.cells = nn.ModuleList()
         for layer in range(lstm.num_layers):
@@ -236,7 +251,7 @@ class LSTMExport(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         lengths = (input_ids != self.pad_id).sum(1).clamp(min=1)
-        x = F.embedding(input_ids, self.rows)
+        x = self.lookup(input_ids) if self.lookup is not None else F.embedding(input_ids, self.rows)
         if self.project is not None:
             x = torch.matmul(x, self.project)
         last = (lengths - 1).view(-1, 1)  # B x 1
@@ -264,9 +279,13 @@ def export_module(model: nn.Module, *, fold: bool = True) -> tuple[nn.Module, st
     """The export-only wrapper of a classifier and a sentence naming the graph optimisation applied."""
     model = getattr(model, "module", model).eval()
     factorized = isinstance(model.embedding, FactorizedEmbedding)
+    grouped = isinstance(model.embedding, GroupedFactorizedEmbedding)
     if isinstance(model, DAN):
         wrapper = DANExport(model, fold=fold)
-        if not factorized:
+        if grouped:
+            what = (f"GroupReduce lookup ({len(model.embedding.ranks)} blocks: a gather and a k_c x d product per "
+                    "block, masked), then the masked mean as one MatMul with the pad mask")
+        elif not factorized:
             what = "masked mean of the d-dim rows as one MatMul with the pad mask (no factorization to exploit)"
         elif fold:
             first = next(m for m in wrapper.head if isinstance(m, nn.Linear))
@@ -282,7 +301,9 @@ def export_module(model: nn.Module, *, fold: bool = True) -> tuple[nn.Module, st
         what = (f"LSTM ({kind}) over the padded batch, final state gathered at length-1"
                 + ("" if not model.lstm.bidirectional else ", backward direction over each sequence reversed "
                    "within its length"))
-        if factorized:
+        if grouped:
+            what += f"; GroupReduce lookup ({len(model.embedding.ranks)} blocks) per token"
+        elif factorized:
             what += ("; W_b folded into the LSTM's input weights (4h x k)" if fold
                      else "; W_b applied per token")
     else:
@@ -548,7 +569,7 @@ def export_onnx(
                          "the protobuf limit)")
     wrapper, graph = export_module(clf.model, fold=fold_projection)
     emb = clf.model.embedding
-    rank = emb.rank if isinstance(emb, FactorizedEmbedding) else None
+    rank = emb.rank if isinstance(emb, FACTORIZED) else None
     notes: list[str] = []
 
     with tempfile.TemporaryDirectory(prefix="embcompress-export-") as tmp_name:

@@ -31,7 +31,8 @@ from .checkpoint import (
 )
 from .device import resolve_device
 from .errors import CheckpointError, InputError
-from .modules import TiedFactorizedLinear, factorized_shapes
+from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, MAX_BLOCKS, group_reduce
+from .modules import TiedFactorizedLinear, factor_specs, factorized_shapes
 from .quant import dequantized_state_dict, quant_meta
 from .rank import achieved_reduction, choose_rank
 from .svd import METHODS as SVD_METHODS
@@ -39,8 +40,10 @@ from .svd import factorize_matrix, factorize_weighted, spectrum
 from .tables import find_embeddings
 from .weighting import DEFAULT_SMOOTHING, Counts
 
-# exact and randomized are plain truncated SVDs; weighted is the frequency-weighted one (needs token counts)
-METHODS: tuple[str, ...] = (*SVD_METHODS, "weighted")
+# exact and randomized are plain truncated SVDs; weighted is the frequency-weighted one and groupreduce the
+# block-wise one (both need token counts)
+METHODS: tuple[str, ...] = (*SVD_METHODS, "weighted", "groupreduce")
+COUNTED_METHODS = ("weighted", "groupreduce")
 
 
 @dataclass
@@ -57,12 +60,13 @@ class TableResult:
     rel_error: float
     energy_kept: float
     method: str
-    factors: tuple[str, str]
+    factors: tuple[str, ...]
     tied: dict[str, str]
     bytes_before: int
     bytes_after: int
     seconds: float
     weighting: dict[str, Any] | None = None
+    blocks: dict[str, Any] | None = None  # groupreduce: ranks, sizes, groups tensor, weighted error per round
 
 
 @dataclass
@@ -107,6 +111,11 @@ def factor_names(name: str) -> tuple[str, str]:
     return f"{name}_a", f"{name}_b"
 
 
+def groups_name(name: str) -> str:
+    """The tensor name of a GroupReduce table's row -> block map: ``<name>_groups`` (V, uint8)."""
+    return f"{name}_groups"
+
+
 def factorize(
     path: str | os.PathLike[str],
     *,
@@ -118,6 +127,8 @@ def factorize(
     counts: Counts | None = None,
     smoothing: float = DEFAULT_SMOOTHING,
     weight_power: float = 1.0,
+    blocks: int = DEFAULT_BLOCKS,
+    rounds: int = DEFAULT_ROUNDS,
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
     device: str = "cpu",
@@ -130,6 +141,8 @@ def factorize(
     input. ``force`` replaces an existing output and allows a rank at or above break-even. ``device`` runs the SVD
     there (``auto``: CUDA where present); the factors are written from the CPU. ``method="weighted"`` needs
     ``counts`` (``embcompress.weighting``): each row is weighted by (count + ``smoothing``) ** ``weight_power``.
+    ``method="groupreduce"`` (``embcompress.groupreduce``) uses the same weights and spends the parameters of
+    rank k on ``blocks`` blocks, refined for up to ``rounds`` rounds.
     """
     start = time.perf_counter()
     if sum(x is not None for x in (reduction, rank, energy)) != 1:
@@ -140,9 +153,13 @@ def factorize(
         raise InputError(f"--energy must be in (0, 1], got {energy}")
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if (method == "weighted") != (counts is not None):
-        raise InputError("--method weighted needs token counts (--counts FILE or --corpus TEXTS), and counts "
-                         "need --method weighted")
+    if (method in COUNTED_METHODS) != (counts is not None):
+        raise InputError(f"--method {method if method in COUNTED_METHODS else 'weighted'} needs token counts "
+                         "(--counts FILE or --corpus TEXTS), and counts need --method weighted or groupreduce")
+    if method == "groupreduce" and not 1 <= blocks <= MAX_BLOCKS:
+        raise InputError(f"--blocks must be between 1 and {MAX_BLOCKS}, got {blocks}")
+    if rounds < 0:
+        raise InputError(f"--rounds must be 0 or more, got {rounds}")
     weights = counts.weights(smoothing, weight_power) if counts is not None else None
     weighting = {**counts.to_dict(), "smoothing": smoothing, "power": weight_power} if counts is not None else None
     src = Path(path)
@@ -155,8 +172,9 @@ def factorize(
         out = Path(output) if output is not None else default_output(src, output_tag(reduction, rank, energy))
         check_output(out, [src], force=force)
         found = find_embeddings(ckpt, tables)
+        grouping = {"blocks": blocks, "rounds": rounds} if method == "groupreduce" else None
         tensors, results = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, dev, progress,
-                                              weights, weighting)
+                                              weights, weighting, grouping)
         meta = _metadata(ckpt, results, tensors)
         if progress:
             progress(f"writing {out}")
@@ -189,6 +207,7 @@ def _factorize_tables(
     progress: Callable[[str], None] | None,
     weights: torch.Tensor | None = None,
     weighting: dict[str, Any] | None = None,
+    grouping: dict[str, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[TableResult]]:
     dropped = {t.name for t in found} | {n for t in found for n in t.tied}
     tensors = {name: ckpt.tensor(name) for name in ckpt.names if name not in dropped}
@@ -211,15 +230,32 @@ def _factorize_tables(
             force=force,
             table=table.name,
         )
-        if weights is None:
-            factors = factorize_matrix(W, k, method=method, spectrum=spec)
-        elif weights.numel() != V:
+        if weights is not None and weights.numel() != V:
             raise InputError(f"{table.name}: {weights.numel()} token counts for a table of {V} rows; the counts "
                              "must come from this model's vocabulary")
-        else:
-            factors = factorize_weighted(W, k, weights)
         a_name, b_name = factor_names(table.name)
-        tensors[a_name], tensors[b_name] = factors.a.contiguous().cpu(), factors.b.contiguous().cpu()
+        blocks_info = None
+        if grouping is not None:
+            grouped = group_reduce(W.cpu(), weights, budget=k * (V + d), **grouping)
+            names = tuple(f"{a_name}.{c}" for c in range(len(grouped.a))) + tuple(
+                f"{b_name}.{c}" for c in range(len(grouped.b)))
+            for name, t in zip(names, [*grouped.a, *grouped.b]):
+                tensors[name] = t.contiguous()
+            tensors[groups_name(table.name)] = grouped.groups
+            blocks_info = {"budget_rank": k, "ranks": grouped.ranks, "sizes": [int(a.shape[0]) for a in grouped.a],
+                           "groups": groups_name(table.name), "weighted_rel_error": grouped.weighted_rel_error,
+                           "rounds": grouped.history}
+            rel_error, stored = grouped.rel_error, grouped.params
+            item = grouped.a[0].element_size()
+            extra_bytes = grouped.groups.numel() * grouped.groups.element_size()
+        else:
+            if weights is None:
+                factors = factorize_matrix(W, k, method=method, spectrum=spec)
+            else:
+                factors = factorize_weighted(W, k, weights)
+            tensors[a_name], tensors[b_name] = factors.a.contiguous().cpu(), factors.b.contiguous().cpu()
+            names, rel_error = (a_name, b_name), factors.rel_error
+            stored, item, extra_bytes = factors.a.numel() + factors.b.numel(), factors.a.element_size(), 0
         del W
         rule = "reduction" if reduction is not None else "rank" if rank is not None else "energy"
         results.append(
@@ -227,21 +263,22 @@ def _factorize_tables(
                 name=table.name,
                 shape=table.shape,
                 dtype=table.dtype,
-                rank=k,
+                rank=k if blocks_info is None else sum(blocks_info["ranks"]),
                 rank_rule=rule,
                 reduction_requested=reduction,
-                reduction_achieved=achieved_reduction(V, d, k),
-                rel_error=factors.rel_error,
-                energy_kept=max(0.0, 1.0 - factors.rel_error**2)
-                if spec is None or weights is not None
+                reduction_achieved=achieved_reduction(V, d, k) if blocks_info is None
+                else 1.0 - (stored * item + extra_bytes) / (V * d * item),
+                rel_error=rel_error,
+                energy_kept=max(0.0, 1.0 - rel_error**2) if spec is None or weights is not None
                 else spec.energy_kept(k),
                 method=method,
-                factors=(a_name, b_name),
+                factors=names,
                 tied=dict(table.tie_reasons),
-                bytes_before=V * d * factors.a.element_size(),
-                bytes_after=(factors.a.numel() + factors.b.numel()) * factors.a.element_size(),
+                bytes_before=V * d * item,
+                bytes_after=stored * item + extra_bytes,
                 seconds=time.perf_counter() - t0,
                 weighting=weighting,
+                blocks=blocks_info,
             )
         )
     return tensors, results
@@ -266,6 +303,7 @@ def _metadata(ckpt: Checkpoint, results: list[TableResult], tensors: dict[str, t
             "factors": list(r.factors),
             "tied": r.tied,
             **({"weighting": r.weighting} if r.weighting else {}),
+            **({"blocks": r.blocks} if r.blocks else {}),
         }
     return {
         **{k: v for k, v in previous.items() if k not in ("tables", "file", "tool", "format_version")},
@@ -294,7 +332,9 @@ def load_factorized(model: nn.Module, path: str | os.PathLike[str], *, strict: b
         meta = ckpt.embcompress_meta
         if not meta or not meta.get("tables"):
             raise CheckpointError(f"{path}: not a factorized checkpoint (no '{META_KEY}' tables in its metadata)")
-        ranks = {_module_name(name): int(entry["rank"]) for name, entry in meta["tables"].items()}
+        specs = factor_specs({n: tuple(i.shape) for n, i in ckpt.infos.items()})
+        ranks = {_module_name(name): specs.get(_module_name(name), int(entry["rank"]))
+                 for name, entry in meta["tables"].items()}
         try:
             factorized_shapes(model, ranks)
         except AttributeError as e:

@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -50,8 +51,8 @@ from .checkpoint import (
     load_checkpoint,
     save_safetensors,
 )
-from .errors import CheckpointError, DataError, DependencyError, InputError
-from .modules import FactorizedEmbedding, TiedFactorizedLinear
+from .errors import CheckpointError, DataError, DependencyError, InputError, TableError
+from .modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding, TiedFactorizedLinear
 from .quant import dequantized_state_dict
 from .rank import achieved_reduction, choose_rank
 from .tables import is_embedding_candidate
@@ -60,10 +61,11 @@ MISSING = "transformers is not installed: pip install 'embcompress[hf]' (transfo
 TASKS = ("auto", "base", "sequence-classification")
 DEFAULT_MAX_LENGTH = 128
 HF_META_KEY = "embcompress.hf"  # what fine-tuning / distillation did, carried in the safetensors metadata
+# a factor tensor's key minus its suffix gives its module: x.weight_a, x.weight_b.3, x.weight_groups -> x
+_FACTOR_KEY = re.compile(r"\.weight_(a|b)(\.\d+)?$|\.weight_groups$")
 
 
 # --- the optional dependency ----------------------------------------------------------------------------------
-
 
 def import_transformers() -> ModuleType:
     """The ``transformers`` module, or DependencyError naming the ``[hf]`` extra."""
@@ -181,14 +183,11 @@ def load(
             meta = ckpt.embcompress_meta or {}
             tables = meta.get("tables") or {}
             state = dequantized_state_dict(ckpt)
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        factors: dict[str, FactorizedEmbedding | GroupedFactorizedEmbedding] = {}
         for name, entry in tables.items():
-            a_name, b_name = entry.get("factors") or (f"{name}_a", f"{name}_b")
-            if a_name not in state or b_name not in state:
-                raise CheckpointError(f"{src}: the factors of {name!r} ({a_name}, {b_name}) are missing")
-            a, b = state.pop(a_name), state.pop(b_name)
-            factors[name] = (a, b)
-            state[name] = (a.float() @ b.float()).to(a.dtype)  # the dense table, replaced by the factors below
+            factors[name] = _table_module(src, name, entry, state)
+            with torch.no_grad():  # the dense table, replaced by the factors below
+                state[name] = factors[name].dense_weight()
         try:
             model = cls.from_pretrained(None, config=config, state_dict=state)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -196,13 +195,33 @@ def load(
     if factors:
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         prefix = getattr(model, "base_model_prefix", "") or ""
-        for name, (a, b) in factors.items():
+        for name, module in factors.items():
             target = _align(name, params, prefix)
             if target is None or not target.endswith(".weight"):
                 raise CheckpointError(f"{src}: the model {cls.__name__} has no table {name!r}")
-            swap_table(model, target.removesuffix(".weight"), FactorizedEmbedding.from_factors(a, b))
+            swap_table(model, target.removesuffix(".weight"), module)
         _record_factorization(model, meta, prefix)
     return model.to(device).eval()
+
+
+def _table_module(src: Path, name: str, entry: dict[str, Any],
+                  state: dict[str, torch.Tensor]) -> FactorizedEmbedding | GroupedFactorizedEmbedding:
+    """The factorized module of one recorded table, its tensors taken out of ``state``."""
+    blocks = entry.get("blocks")
+    names = list(entry.get("factors") or (f"{name}_a", f"{name}_b"))
+    if blocks:
+        names.append(blocks.get("groups") or f"{name}_groups")
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise CheckpointError(f"{src}: the factors of {name!r} ({', '.join(missing[:3])}) are missing")
+    tensors = [state.pop(n) for n in names]
+    if not blocks:
+        return FactorizedEmbedding.from_factors(tensors[0], tensors[1])
+    C = len(blocks["ranks"])
+    try:
+        return GroupedFactorizedEmbedding.from_factors(tensors[:C], tensors[C:2 * C], tensors[2 * C])
+    except (TableError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{src}: the blocks of {name!r} do not fit together ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -228,7 +247,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def swap_table(model: nn.Module, name: str, new: FactorizedEmbedding) -> list[str]:
+def swap_table(model: nn.Module, name: str, new: FactorizedEmbedding | GroupedFactorizedEmbedding) -> list[str]:
     """Put ``new`` in place of the ``nn.Embedding`` ``name`` and of every module sharing its weight.
 
     An ``nn.Embedding`` sharing the weight (T5's ``encoder.embed_tokens``) becomes the same ``new`` module; an
@@ -236,7 +255,7 @@ def swap_table(model: nn.Module, name: str, new: FactorizedEmbedding) -> list[st
     of the modules that were tied to it. The padding index is taken from the old table.
     """
     old = model.get_submodule(name)
-    if isinstance(old, FactorizedEmbedding):
+    if isinstance(old, FACTORIZED):
         raise InputError(f"{name!r} is already factorized")
     if not isinstance(old, nn.Embedding):
         raise InputError(f"{name!r} is a {type(old).__name__}, not an nn.Embedding")
@@ -318,10 +337,11 @@ def densify(model: nn.Module) -> nn.Module:
     ``TiedFactorizedLinear`` by an ``nn.Linear`` sharing that weight): the dense model rebuilt from the factors."""
     dense: dict[int, nn.Embedding] = {}
     for name, mod in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(mod, FactorizedEmbedding):
+        if isinstance(mod, FACTORIZED):
             if id(mod) not in dense:
-                emb = nn.Embedding(mod.num_embeddings, mod.embedding_dim, mod.padding_idx,
-                                   device=mod.weight_a.device, dtype=mod.weight_a.dtype)
+                p = next(mod.parameters())
+                emb = nn.Embedding(mod.num_embeddings, mod.embedding_dim, mod.padding_idx, device=p.device,
+                                   dtype=p.dtype)
                 with torch.no_grad():
                     emb.weight.copy_(mod.dense_weight())
                 dense[id(mod)] = emb
@@ -341,11 +361,11 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def factorized_tables(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per ``FactorizedEmbedding`` of the model (under its first name): shape, rank and the names tied to it."""
+    """Per factorized table of the model (under its first name): shape, rank and the names tied to it."""
     first: dict[int, str] = {}
     out: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(mod, FactorizedEmbedding):
+        if isinstance(mod, FACTORIZED):
             if id(mod) not in first:
                 first[id(mod)] = name
                 out[name] = {"module": mod, "shape": (mod.num_embeddings, mod.embedding_dim), "rank": mod.rank,
@@ -382,16 +402,24 @@ def _metadata(model: nn.Module, tables: dict[str, dict[str, Any]], state: dict[s
         V, d = info["shape"]
         k = info["rank"]
         mod = info["module"]
+        dtype = next(mod.parameters()).dtype
+        if isinstance(mod, GroupedFactorizedEmbedding):
+            C = len(mod.ranks)
+            factors = [f"{name}_a.{c}" for c in range(C)] + [f"{name}_b.{c}" for c in range(C)]
+            stored = sum(p.numel() * p.element_size() for p in mod.parameters()) + mod.weight_groups.numel()
+            achieved = 1.0 - stored / (V * d * dtype.itemsize)
+        else:
+            factors, achieved = [f"{name}_a", f"{name}_b"], achieved_reduction(V, d, k)
         entries[name] = {
             **old,
             "shape": [V, d],
-            "dtype": old.get("dtype") or str(mod.weight_a.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"),
+            "dtype": old.get("dtype") or str(dtype).removeprefix("torch.").upper().replace("FLOAT", "F"),
             "rank": k,
             "rank_rule": old.get("rank_rule", "rank"),
             "reduction_requested": old.get("reduction_requested"),
-            "reduction_achieved": achieved_reduction(V, d, k),
+            "reduction_achieved": achieved,
             "method": old.get("method", "exact"),
-            "factors": [f"{name}_a", f"{name}_b"],
+            "factors": factors,
             "tied": {**{t: r for t, r in (old.get("tied") or {}).items() if t not in info["tied"]}, **info["tied"]},
         }
         if (extra and {"distilled", "finetuned"} & set(extra)) or old.get("trained"):
@@ -420,8 +448,8 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, di
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, t in model.state_dict().items():
-        module = key.rpartition(".")[0]
-        if module in alias_modules and (key.endswith(".weight_a") or key.endswith(".weight_b")):
+        module = _FACTOR_KEY.sub("", key)
+        if module != key and module in alias_modules:
             continue
         ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
         if ptr in seen and t.numel():  # a dense tie (the same parameter under two names): keep the first

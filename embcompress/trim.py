@@ -305,6 +305,9 @@ def _row_tensors(ckpt: Checkpoint, tokens: int) -> tuple[int, dict[str, tuple[st
     if factorized:
         rows = set()
         for name, entry in factorized.items():
+            if entry.get("blocks"):
+                raise InputError(f"{ckpt.path}: {name!r} is stored in GroupReduce blocks, which trim cannot cut; "
+                                 "trim the original model, then factorize the trimmed one")
             a_name = (entry.get("factors") or [f"{name}_a"])[0]
             if a_name not in ckpt.infos:
                 raise CheckpointError(f"{ckpt.path}: the factor {a_name!r} of {name!r} is missing")

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from embcompress import load_checkpoint  # noqa: E402
 from embcompress.factorize import factorize  # noqa: E402
 from embcompress.quant import quantize  # noqa: E402
+from embcompress.trim import trim  # noqa: E402
 from embcompress.weighting import load_counts  # noqa: E402
 from sst2_recovery import (  # noqa: E402
     FULL,
@@ -54,8 +55,12 @@ from sst2_recovery import (  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "results"
 REDUCTION = 0.9
-VARIANTS = ("svd", "weighted", "weighted_sqrt")
-LABELS = {"svd": "plain SVD", "weighted": "weighted SVD (counts)", "weighted_sqrt": "weighted SVD (sqrt counts)"}
+VARIANTS = ("svd", "weighted", "weighted_sqrt", "groupreduce", "groupreduce_sqrt", "trim_svd")
+COUNTED = VARIANTS[1:5]
+LABELS = {"svd": "plain SVD", "weighted": "weighted SVD (counts)", "weighted_sqrt": "weighted SVD (sqrt counts)",
+          "groupreduce": "GroupReduce (counts, 8 blocks)", "groupreduce_sqrt": "GroupReduce (sqrt counts, 8 blocks)",
+          "trim_svd": "trim (min count 2) + SVD"}
+TRIM_MIN_COUNT = 2
 
 
 def log(msg: str) -> None:
@@ -76,7 +81,7 @@ def run_model(job: dict[str, Any]) -> dict[str, Any]:
     seeds = {}
     for seed in settings["seeds"]:
         p = {k: tmp / f"{name}.s{seed}.{k}.safetensors" for k in ("dense", *VARIANTS, *(f"{v}.ft" for v in VARIANTS),
-                                                                   "svd.ft.int8")}
+                                                                   "svd.ft.int8", "trim")}
         runs: dict[str, Any] = {}
         runs["dense"] = train_run(name, mcfg, settings, files, p["dense"], "dense",
                                   train_config(settings, epochs=mcfg["train_epochs"], lr=mcfg["adam_lr"],
@@ -84,11 +89,18 @@ def run_model(job: dict[str, Any]) -> dict[str, Any]:
         runs["table_float32_bytes"] = _table_bytes(p["dense"])
         counts = load_counts(p["dense"], None, None, files["train"])
         for v in VARIANTS:
-            extra = {"method": "weighted", "counts": counts, "weight_power": 0.5 if v == "weighted_sqrt" else 1.0} \
-                if v != "svd" else {}
-            res = factorize(p["dense"], reduction=REDUCTION, output=p[v], force=True, **extra)
+            src, extra = p["dense"], {"reduction": REDUCTION}
+            if v in COUNTED:
+                extra.update(method=v.removesuffix("_sqrt"), counts=counts,
+                             weight_power=0.5 if v.endswith("_sqrt") else 1.0)
+            if v == "trim_svd":  # trim, then the rank whose factors take the plain SVD's bytes
+                trimmed = trim(p["dense"], files["train"], p["trim"], min_count=TRIM_MIN_COUNT, force=True)
+                src, d = p["trim"], runs["svd"]["shape"][1]
+                extra = {"rank": runs["svd"]["rank"] * (runs["svd"]["shape"][0] + d) // (trimmed.rows_after + d)}
+            res = factorize(src, output=p[v], force=True, **extra)
             t = res.tables[0]
             runs[v] = {"rank": t.rank, "rel_error": t.rel_error, "table_bytes": _table_bytes(p[v]),
+                       "shape": list(t.shape), "blocks": t.blocks,
                        "before": evaluate(p[v], files["test"])["accuracy"],
                        "dev_before": evaluate(p[v], files["dev"])["accuracy"]}
             ft = finetune_run(name, p[v], files, p[f"{v}.ft"], f"{v} fine-tuned",
@@ -115,21 +127,33 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         out[v]["relative"] = {stage: stats([rel(s[v][stage], d) for s, d in zip(seeds, dense)])
                               for stage in ("before", "after")}
         out[v]["rank"] = seeds[0][v]["rank"]
+        out[v]["rows"] = seeds[0][v]["shape"][0]
+        out[v]["ranks"] = (seeds[0][v].get("blocks") or {}).get("ranks")
         out[v]["rel_error"] = stats([s[v]["rel_error"] for s in seeds])
         out[v]["table_bytes"] = seeds[0][v]["table_bytes"]
     out["svd_int8"] = {"after": stats([s["svd_int8"]["after"] for s in seeds]),
                        "relative": stats([rel(s["svd_int8"]["after"], d) for s, d in zip(seeds, dense)]),
                        "table_bytes": seeds[0]["svd_int8"]["table_bytes"]}
-    out["weighted_beats_svd_before"] = max(out[v]["before"]["mean"] for v in VARIANTS[1:]) > out["svd"]["before"]["mean"]
+    out["weighted_beats_svd_before"] = max(out[v]["before"]["mean"] for v in ("weighted", "weighted_sqrt")) > \
+        out["svd"]["before"]["mean"]
+    out["groupreduce_beats_svd_before"] = max(out[v]["before"]["mean"] for v in ("groupreduce", "groupreduce_sqrt")) \
+        > out["svd"]["before"]["mean"]
     share = out["svd_int8"]["table_bytes"] / out["table_float32_bytes"]
     out["svd_int8_target"] = {"table_share": share, "met_size": share <= 0.04,
                               "met_accuracy": out["svd_int8"]["relative"]["mean"] >= -0.02}
     return out
 
 
+def _rank(r: dict[str, Any]) -> str:
+    """k, or GroupReduce's block ranks (seed 0's) as sum = first + second + ..."""
+    if not r.get("ranks"):
+        return str(r["rank"])
+    return f"{sum(r['ranks'])} = {' + '.join(map(str, r['ranks']))}"
+
+
 def render(doc: dict[str, Any]) -> str:
     st, mach = doc["settings"], doc["machine"]
-    out = ["# Beyond the paper on SST-2: weighted SVD and low rank + int8 at R = 90 %\n",
+    out = ["# Beyond the paper on SST-2: weighted SVD, GroupReduce, trimming and low rank + int8 at R = 90 %\n",
            "Written by `scripts/beyond_sst2.py` from `beyond.json` of the same run. Do not edit by hand.\n",
            f"- Date: {doc['date_utc']} (UTC); wall time {doc['wall_seconds'] / 60:.1f} min"
            + (" (**quick smoke run; the figures mean nothing**)" if doc["quick"] else "") + ".",
@@ -140,22 +164,26 @@ def render(doc: dict[str, Any]) -> str:
            "changes against the uncompressed model of the same seed.",
            "- Weighted: row weights = token count in the SST-2 training sentences + 1 (`factorize --method weighted "
            "--corpus train.jsonl`), or its square root (`--weight-power 0.5`); plain: `factorize` (exact SVD). Both then fine-tuned with the recovery page's "
-           "CALR settings. SVD + int8: the fine-tuned plain-SVD model quantized by `quantize --bits 8` (symmetric "
-           "per-row int8, factors included).\n",
-           "| model | method | k | rel. error | table bytes (x float32) | test % before recovery | vs uncompressed "
+           "CALR settings. GroupReduce: `factorize --method groupreduce --blocks 8` with the same counts (or their square "
+           "root), 3 refinement rounds, in the plain SVD's parameter budget (its groups map included). Trim + SVD: "
+           f"`trim --corpus train.jsonl --min-count {TRIM_MIN_COUNT}` (tokens seen once become unknown), then the "
+           "rank whose factors take the plain SVD's bytes. SVD + int8: the fine-tuned plain-SVD model quantized by "
+           "`quantize --bits 8` (symmetric per-row int8, factors included).\n",
+           "| model | method | rows | k | rel. error | table bytes (x float32) | test % before recovery | vs uncompressed "
            "| test % after recovery | vs uncompressed |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in doc["summary"].items():
         label = st["models"][name]["label"]
         f32 = s["table_float32_bytes"]
-        out.append(f"| {label} | uncompressed | - | - | {f32 / 1e6:.2f} MB (1) | {pm(s['dense'])} | - | - | - |")
+        out.append(f"| {label} | uncompressed | {s['svd']['rows']} | - | - | {f32 / 1e6:.2f} MB (1) | {pm(s['dense'])} "
+                   "| - | - | - |")
         for v in VARIANTS:
             r = s[v]
-            out.append(f"| {label} | {LABELS[v]} | {r['rank']} | "
+            out.append(f"| {label} | {LABELS[v]} | {r['rows']} | {_rank(r)} | "
                        f"{r['rel_error']['mean']:.3f} | {r['table_bytes'] / f32:.4f} | {pm(r['before'])} | "
                        f"{signed_pm(r['relative']['before'])} | {pm(r['after'])} | {signed_pm(r['relative']['after'])} |")
         q = s["svd_int8"]
-        out.append(f"| {label} | plain SVD + int8 | {s['svd']['rank']} | - | {q['table_bytes'] / f32:.4f} | - | - | "
+        out.append(f"| {label} | plain SVD + int8 | {s['svd']['rows']} | {s['svd']['rank']} | - | {q['table_bytes'] / f32:.4f} | - | - | "
                    f"{pm(q['after'])} | {signed_pm(q['relative'])} |")
     out.append("")
     out.append("*rel. error* is the plain ||W - W_a W_b||_F / ||W||_F (the weighted fit trades it for accuracy on "
@@ -171,6 +199,10 @@ def render(doc: dict[str, Any]) -> str:
                    f"of its float32 bytes ({'met' if t['met_size'] else 'missed'}: <= 4 %), "
                    f"{signed_pm(s['svd_int8']['relative'])} after recovery "
                    f"({'met' if t['met_accuracy'] else 'missed'}: within 2 %).")
+        out.append(f"- {label}: GroupReduce beats plain SVD before recovery: "
+                   f"{'**met**' if s['groupreduce_beats_svd_before'] else '**missed**'} (counts "
+                   f"{pct(s['groupreduce']['before']['mean'])} %, sqrt counts "
+                   f"{pct(s['groupreduce_sqrt']['before']['mean'])} % against {pct(s['svd']['before']['mean'])} %).")
     out.append("")
     out.append("## What this shows\n")
     out.append("- Frequency weighting spends the rank on the most frequent tokens. On SST-2 those are punctuation and "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.builders import bert_state, dan_state, low_rank_table, write_hf_folder
+from tests.builders import bert_state, dan_state, low_rank_table, write_hf_folder, write_sentiment_jsonl
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +18,18 @@ def _workspace_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EMBCOMPRESS_WORKSPACE", raising=False)
     monkeypatch.delenv("EMBCOMPRESS_DEBUG", raising=False)
+
+
+@pytest.fixture
+def classifier(tmp_path: Path) -> tuple[Path, Path]:
+    """A DAN classifier trained one epoch on 120 sentiment lines, and those lines (train.jsonl)."""
+    from embcompress.train.loop import TrainConfig
+    from embcompress.train.run import train_classifier
+
+    train = write_sentiment_jsonl(tmp_path / "train.jsonl", 120)
+    model = train_classifier(train, None, tmp_path / "m.safetensors", embed_dim=16,
+                             config=TrainConfig(epochs=1, batch_size=16, device="cpu")).output
+    return Path(model), train
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from embcompress.checkpoint import load_checkpoint
 from embcompress.compare import compare, parse_baselines, parse_reductions, to_csv, to_markdown
 from embcompress.errors import InputError
 from embcompress.train.loop import TrainConfig
@@ -83,3 +84,16 @@ def test_lstm_rows_are_timed(tmp_path: Path) -> None:
                      finetune_epochs=1, repeats=1, threads=1, device="cpu")
     assert [r.method for r in result.rows] == ["uncompressed", "quant8", "proposed"]
     assert all(r.latency_ms[1] > 0 and r.latency_ms[64] > 0 for r in result.rows)
+
+
+def test_groupreduce_row_is_asked_for_by_name(setup) -> None:
+    model, train, dev = setup
+    assert "groupreduce" not in parse_baselines(None)
+    result = compare(model, data=dev, train=train, dev=dev, baselines=["groupreduce"], reductions=[0.5],
+                     finetune_epochs=1, repeats=2, threads=1, device="cpu")
+    row = result.rows[-1]
+    assert row.method == "groupreduce" and "blocks, ranks" in row.note
+    assert row.latency_ms[1] > 0 and Path(row.onnx).exists()
+    proposed = next(r for r in result.rows if r.method == "proposed")
+    with load_checkpoint(row.checkpoint) as ours, load_checkpoint(proposed.checkpoint) as plain:
+        assert ours.total_bytes <= plain.total_bytes  # the same budget, the groups map included

@@ -303,3 +303,68 @@ def test_errors(folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(importlib, "import_module", fake)
     with pytest.raises(DependencyError, match=r"embcompress\[hf\]"):
         hf.import_transformers()
+
+
+# --- GroupReduce tables: per-block factors through load, ties, save, distillation and ONNX ---------------------
+
+
+@pytest.fixture(scope="module")
+def grouped(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    import numpy as np
+
+    from embcompress.weighting import Counts
+
+    base = tmp_path_factory.mktemp("hf-groupreduce")
+    counts = Counts(np.arange(V, 0, -1, dtype=np.float64), "test", V * (V + 1) // 2)
+    return {family: factorize(folders[family], reduction=0.5, method="groupreduce", counts=counts, blocks=3,
+                              output=base / family).output for family in ("bert", "gpt2")}
+
+
+def _grouped_rebuild(original: Path, model: torch.nn.Module) -> torch.nn.Module:
+    dense = (transformers.AutoModel if "bert" in original.name else transformers.GPT2LMHeadModel).from_pretrained(
+        str(original))
+    with torch.no_grad():
+        dense.get_input_embeddings().weight.copy_(model.get_input_embeddings().dense_weight())
+    return dense.eval()
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_groupreduce_folder_loads_saves_and_keeps_ties(folders: dict[str, Path], grouped: dict[str, Path],
+                                                      tmp_path: Path, family: str) -> None:
+    from embcompress.modules import GroupedFactorizedEmbedding
+
+    model = hf.load(grouped[family])
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, GroupedFactorizedEmbedding) and len(emb.ranks) == 3
+    torch.testing.assert_close(forward(model, family), forward(_grouped_rebuild(folders[family], model), family),
+                               atol=2e-5, rtol=1e-4)
+    if family == "gpt2":
+        assert isinstance(model.lm_head, TiedFactorizedLinear) and model.lm_head.tied_to is emb
+    with torch.no_grad():
+        emb.weight_a[0].add_(0.01)
+    out = hf.save(model, tmp_path / "again", like=grouped[family])
+    with load_checkpoint(out) as ckpt:
+        (_, entry), = ckpt.embcompress_meta["tables"].items()
+        assert entry["method"] == "groupreduce" and set(entry["factors"]) <= set(ckpt.infos)
+        assert not any(n.startswith("lm_head") for n in ckpt.infos)
+    torch.testing.assert_close(forward(hf.load(out), family), forward(model, family))
+
+
+def test_groupreduce_folder_distils_and_exports(folders: dict[str, Path], grouped: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    from embcompress import distill
+
+    student = hf.load(grouped["bert"])
+    before = [p.detach().clone() for p in student.get_input_embeddings().weight_a]
+    teacher = hf.load(folders["bert"])
+    distill.distill_model(student, teacher, hf.load_tokenizer(folders["bert"]), TEXTS * 4,
+                          distill.DistillConfig(steps=3, layers=1, batch_size=4, device="cpu"))
+    after = list(student.get_input_embeddings().weight_a)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the block factors train
+    pytest.importorskip("onnxruntime")
+    report = hf.export_onnx(grouped["bert"], tmp_path / "g.onnx", texts=TEXTS)
+    assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
+    import onnx
+
+    shapes = [tuple(t.dims) for t in onnx.load(str(tmp_path / "g.onnx")).graph.initializer]
+    assert (V, 32) not in shapes and (V,) in shapes  # block factors and the groups map, not a dense table

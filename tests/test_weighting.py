@@ -9,10 +9,7 @@ from embcompress import load_checkpoint
 from embcompress.errors import DataError, InputError
 from embcompress.factorize import factorize
 from embcompress.svd import factorize_matrix, factorize_weighted
-from embcompress.train.loop import TrainConfig
-from embcompress.train.run import train_classifier
 from embcompress.weighting import Counts, count_corpus, load_counts, read_counts
-from tests.builders import write_sentiment_jsonl
 
 
 def _weighted_err(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> float:
@@ -80,14 +77,6 @@ def test_read_counts_refuses_bad_files(tmp_path: Path, text: str, match: str) ->
     p.write_text(text)
     with pytest.raises(DataError, match=match):
         read_counts(p, 3, None if "7 1" in text or "x\n" in text or "1\n2" in text else ["<pad>", "a", "b"])
-
-
-@pytest.fixture
-def classifier(tmp_path: Path) -> tuple[Path, Path]:
-    train = write_sentiment_jsonl(tmp_path / "train.jsonl", 120)
-    model = train_classifier(train, None, tmp_path / "m.safetensors", embed_dim=16,
-                             config=TrainConfig(epochs=1, batch_size=16, device="cpu")).output
-    return Path(model), train
 
 
 def test_count_corpus_uses_the_classifiers_vocabulary(classifier, tmp_path: Path) -> None:

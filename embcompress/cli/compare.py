@@ -35,7 +35,8 @@ def compare(
     model: Annotated[Path | None, typer.Argument(help="The uncompressed classifier. Default: the model the last "
                      "factorize in the workspace record started from.", show_default=False)] = None,
     baselines: Annotated[str | None, typer.Option("--baselines", help="Comma-separated: quant8, quant16, "
-                         "offline, svd (default: all). The proposed method is always a row.",
+                         "offline, svd, proposed+int8 (default: these five), groupreduce (GroupReduce blocks "
+                         "counted on --train, then fine-tuned as proposed). The proposed method is always a row.",
                          show_default=False)] = None,
     reductions: Annotated[str | None, typer.Option("--reductions", help="Comma-separated R for svd, proposed and "
                           "offline (default: those in the workspace record, else 0.5,0.9).",

@@ -11,6 +11,7 @@ from .. import workspace
 from ..budget import rank_for_budget
 from ..errors import InputError
 from ..factorize import factorize as factorize_checkpoint
+from ..groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS
 from ..weighting import load_counts
 from ..train.loop import TrainConfig
 from ._options import CheckpointArg, DataOpt, DeviceOpt, DevOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
@@ -31,6 +32,8 @@ EXAMPLES = """Examples:
 
   embcompress factorize ./all-MiniLM-L6-v2 --reduction 0.9 --method weighted --counts counts.txt
 
+  embcompress factorize dan.safetensors --reduction 0.9 --method groupreduce --blocks 8 --corpus train.jsonl
+
   embcompress factorize dan.safetensors --max-drop 0.01 --dev dev.jsonl
 """
 
@@ -45,16 +48,22 @@ def factorize(
     energy: Annotated[float | None, typer.Option("--energy", help="Smallest k keeping this fraction of the "
                       "spectral energy sum(s_i^2), in (0, 1].", show_default=False)] = None,
     method: Annotated[str, typer.Option("--method", help="exact (Gram route, optimal), randomized (streaming, "
-                      "for tables beyond memory) or weighted (frequency-weighted: frequent tokens get the rank; "
-                      "needs --counts or --corpus).")] = "exact",
-    counts: Annotated[Path | None, typer.Option("--counts", help="With --method weighted: token counts, one a "
+                      "for tables beyond memory), weighted (frequency-weighted: frequent tokens get the rank; "
+                      "needs --counts or --corpus) or groupreduce (blocks of tokens by frequency, more rank for "
+                      "frequent blocks, same budget; needs --counts or --corpus).")] = "exact",
+    counts: Annotated[Path | None, typer.Option("--counts", help="With --method weighted or groupreduce: token counts, one a "
                       "line (line i = token id i), 'TOKEN COUNT' lines, or JSON.", show_default=False)] = None,
-    corpus: Annotated[Path | None, typer.Option("--corpus", help="With --method weighted: texts (.txt one a line, "
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="With --method weighted or groupreduce: texts (.txt one a line, "
                       ".jsonl with 'text') counted with the model's own tokenizer.", show_default=False)] = None,
-    smoothing: Annotated[float, typer.Option("--smoothing", help="With --method weighted: added to every count, "
+    smoothing: Annotated[float, typer.Option("--smoothing", help="With a counted method: added to every count, "
                          "so unseen tokens keep a reconstruction.")] = 1.0,
-    weight_power: Annotated[float, typer.Option("--weight-power", help="With --method weighted: weights are "
+    weight_power: Annotated[float, typer.Option("--weight-power", help="With a counted method: weights are "
                             "(count + smoothing) ** this; 0.5 softens the pull of the most frequent tokens.")] = 1.0,
+    blocks: Annotated[int, typer.Option("--blocks", help="With --method groupreduce: the number of token blocks "
+                      "C (1 = weighted SVD).")] = DEFAULT_BLOCKS,
+    rounds: Annotated[int, typer.Option("--rounds", help="With --method groupreduce: refinement rounds (rows moved "
+                      "to the block that reconstructs them best, kept only when the weighted error falls).")]
+    = DEFAULT_ROUNDS,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Instead of a rule: the smallest k whose "
                         "dev accuracy stays within this many accuracy points (a fraction: 0.01 = 1 point) of the "
                         "original classifier's, found by bisection over k.", show_default=False)] = None,
@@ -73,7 +82,8 @@ def factorize(
     Give exactly one of --reduction, --rank, --energy or --max-drop (with --dev, for classifiers). The output is
     the same kind as the input (a file, or a model folder with its config and tokenizer); its metadata records what
     was done. --method weighted weights each token's row by its count (--counts, or --corpus counted with the
-    model's own tokenizer).
+    model's own tokenizer); --method groupreduce splits the vocabulary into --blocks blocks with their own
+    factors, frequent blocks getting more rank under the same parameter budget.
     """
     if max_drop is not None:
         _budget(path, max_drop, dev, data, finetune_epochs, output, force, device, json,
@@ -83,7 +93,7 @@ def factorize(
         token_counts = load_counts(path, split_list(tables), counts, corpus)
         result = factorize_checkpoint(
             path, reduction=reduction, rank=rank, energy=energy, tables=split_list(tables), method=method,
-            counts=token_counts, smoothing=smoothing, weight_power=weight_power, output=output, force=force,
+            counts=token_counts, smoothing=smoothing, weight_power=weight_power, blocks=blocks, rounds=rounds, output=output, force=force,
             device=device, progress=say,
         )
     figures = {
@@ -97,7 +107,8 @@ def factorize(
         "factorize",
         options={"reduction": reduction, "rank": rank, "energy": energy, "method": method,
                  "tables": split_list(tables),
-                 **({"smoothing": smoothing, "weight_power": weight_power} if token_counts else {})},
+                 **({"smoothing": smoothing, "weight_power": weight_power} if token_counts else {}),
+                 **({"blocks": blocks, "rounds": rounds} if method == "groupreduce" else {})},
         inputs=[("model", path), *([("counts", counts)] if counts else []), *([("corpus", corpus)] if corpus else [])],
         outputs=[("model", Path(result.output))],
         figures=figures,
@@ -124,6 +135,13 @@ def factorize(
         w = token_counts.to_dict()
         console.print(f"weighted by {w['tokens_counted']:,} token counts from {w['source']} ({w['rows_seen']:,} of "
                       f"{w['rows']:,} rows seen, smoothing {smoothing:g}, power {weight_power:g}); rel. error is the plain, unweighted one")
+    for t in result.tables:
+        if t.blocks:
+            b = t.blocks
+            rounds = " -> ".join(f"{e:.4f}" for e in b["rounds"])
+            console.print(f"{t.name}: {len(b['ranks'])} blocks (budget of rank {b['budget_rank']}), ranks "
+                          f"{b['ranks']}, rows {b['sizes']}; weighted rel. error {rounds} (start, then each "
+                          "refinement round kept)")
 
 
 def _budget(path: Path, max_drop: float, dev: Path | None, data: Path | None, epochs: int, output: Path | None,

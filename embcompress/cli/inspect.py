@@ -58,7 +58,7 @@ def inspect(
             table(
                 "Already factorized",
                 ["table", "shape", "rank", "R achieved", "rel. error", "method"],
-                [[n, shape(e["shape"]), e["rank"], pct(e["reduction_achieved"]), f"{e['rel_error']:.4f}",
+                [[n, shape(e["shape"]), _rank(e), pct(e["reduction_achieved"]), f"{e['rel_error']:.4f}",
                   e["method"]] for n, e in report.factorized.items()],
             )
         )
@@ -114,3 +114,12 @@ def _print_cost(report) -> None:
                            f"{e['quant_rel_error']:.4f}, {e['winner']} wins at equal bytes")
             console.print(f"  {c['bits']}-bit factors take fewer bytes than the {e['quant_bits']}-bit table iff "
                           f"k < {e['rank']:.1f} (R > {pct(e['reduction'])}){verdict}")
+
+
+def _rank(entry: dict) -> str:
+    """k, or for GroupReduce the block ranks: 174 = 167+1+... (8 blocks)."""
+    blocks = (entry.get("blocks") or {}).get("ranks")
+    if not blocks:
+        return str(entry["rank"])
+    shown = "+".join(map(str, blocks[:4])) + ("+..." if len(blocks) > 4 else "")
+    return f"{sum(blocks)} = {shown} ({len(blocks)} blocks)"

@@ -190,3 +190,19 @@ def test_weighted_with_counts_file(capsys, dan_file: Path, tmp_path: Path) -> No
     code, stdout, err = run(capsys, "factorize", dan_file, "--reduction", "0.5", "--method", "weighted", "--corpus",
                             counts, "-o", tmp_path / "x.safetensors")
     assert code == 2 and "--corpus needs the model's tokenizer" in err
+
+
+def test_groupreduce_from_counts(capsys, dan_file: Path, tmp_path: Path) -> None:
+    counts = tmp_path / "counts.txt"
+    counts.write_text("\n".join(str(1000 // (i + 1)) for i in range(600)) + "\n")
+    out = tmp_path / "g.safetensors"
+    code, stdout, err = run(capsys, "factorize", dan_file, "--reduction", "0.5", "--method", "groupreduce",
+                            "--blocks", "3", "--counts", counts, "-o", out)
+    assert code == 0, err
+    assert "3 blocks (budget of rank" in stdout and out.exists()
+    code, stdout, _ = run(capsys, "inspect", out)
+    assert "(3 blocks)" in stdout and "groupreduce" in stdout
+    code, _, err = run(capsys, "factorize", dan_file, "--reduction", "0.5", "--method", "groupreduce", "--blocks",
+                       "0", "--counts", counts, "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "--blocks" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
