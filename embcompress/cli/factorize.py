@@ -100,8 +100,8 @@ def factorize(
         "reduction_achieved": result.reduction_achieved,
         "file_bytes_before": result.file_bytes_before,
         "file_bytes_after": result.file_bytes_after,
-        "tables": {t.name: {"rank": t.rank, "rel_error": t.rel_error, "reduction_achieved": t.reduction_achieved}
-                   for t in result.tables},
+        "tables": {t.name: {"rank": t.rank, "rel_error": t.rel_error, "reduction_achieved": t.reduction_achieved,
+                            **({"ranks": t.blocks["ranks"]} if t.blocks else {})} for t in result.tables},
     }
     workspace.record(
         "factorize",
