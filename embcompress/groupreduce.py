@@ -114,7 +114,7 @@ class _Solver:
     def reassign(self, groups: np.ndarray, bases: list[np.ndarray]) -> np.ndarray:
         """Each row to the block reconstructing it best, block sizes kept (greedy by frequency-weighted regret)."""
         blocks = len(bases)
-        resid = np.stack([self.sq - np.einsum("ij,ij->i", self.W @ Q, self.W @ Q) for Q in bases], axis=1)
+        resid = np.stack([self.sq - np.einsum("ij,ij->i", P, P) for P in (self.W @ Q for Q in bases)], axis=1)
         resid *= self.f[:, None]
         capacity = np.bincount(groups, minlength=blocks)
         prefs = np.argsort(resid, axis=1, kind="stable")
