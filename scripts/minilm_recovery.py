@@ -163,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", choices=("svd", "groupreduce"), default="svd", help="how the recovery's starting "
                     "point is factorized: plain SVD, or GroupReduce counted on that run's recovery texts")
     ap.add_argument("--blocks", type=int, default=8, help="GroupReduce blocks")
-    ap.add_argument("--weight-power", type=float, default=0.5, help="GroupReduce row weights: (count + 1) ** this")
+    ap.add_argument("--weight-power", type=float, default=0.5, help="GroupReduce row weights: (count + smoothing) "
+                    "** this")
+    ap.add_argument("--smoothing", type=float, default=1.0, help="GroupReduce: added to every count (more rank for "
+                    "rare tokens as it grows)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-onnx", action="store_true")
     ap.add_argument("--fresh", action="store_true")
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             with load_checkpoint(original) as ckpt:
                 rows = ckpt.infos["embeddings.word_embeddings.weight"].shape[0]
             factorize(original, reduction=r, method="groupreduce", counts=count_corpus(original, corpus, rows),
-                      weight_power=args.weight_power, blocks=args.blocks, output=folder)
+                      weight_power=args.weight_power, smoothing=args.smoothing, blocks=args.blocks, output=folder)
         results[f"{tag}-{name}-start"] = measure(f"{tag}-{name}-start", folder)
         return folder
 
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_onnx:
                 results["onnx"] = work.get("onnx") or work.put("onnx", onnx_latency(original, rec, args.work))
     results["machine"] = work.get("machine")
-    results["settings"] = {"method": args.method, "blocks": args.blocks, "weight_power": args.weight_power}
+    results["settings"] = {"method": args.method, "blocks": args.blocks, "weight_power": args.weight_power,
+                           "smoothing": args.smoothing}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "minilm.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, args, args.out / "minilm.md")
@@ -322,7 +326,8 @@ def _start_sentence(settings: dict[str, Any]) -> str:
     if settings.get("method") != "groupreduce":
         return "Each recovery starts from the plain SVD."
     return (f"Each recovery starts from GroupReduce (`factorize --method groupreduce --blocks {settings['blocks']} "
-            f"--weight-power {settings['weight_power']:g} --corpus TEXTS`) counted on that run's own recovery texts, "
+            f"--weight-power {settings['weight_power']:g} --smoothing {settings.get('smoothing', 1.0):g} --corpus "
+            "TEXTS`) counted on that run's own recovery texts, "
             "in the plain SVD's budget; the plain SVD is shown for reference.")
 
 
