@@ -38,6 +38,7 @@ the largest logit difference are reported.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import io
 import json
@@ -159,10 +160,7 @@ def _grouped_copy(emb: nn.Module) -> GroupedFactorizedEmbedding | None:
     """A frozen copy of a GroupReduce table (its block-wise lookup is exported as it is), else None."""
     if not isinstance(emb, GroupedFactorizedEmbedding):
         return None
-    copy = GroupedFactorizedEmbedding.from_factors([a.detach() for a in emb.weight_a],
-                                                   [b.detach() for b in emb.weight_b], emb.weight_groups,
-                                                   emb.padding_idx)
-    return copy.requires_grad_(False)
+    return copy.deepcopy(emb).requires_grad_(False)
 
 
 class DANExport(nn.Module):
