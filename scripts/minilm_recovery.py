@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     "'r50-sst2=600,r90-stdlib=600'")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--sentence-steps", type=int, default=0, help="then this many sentence-phase steps (whole model, "
-                    "toward the sentence embeddings) on the SST-2 runs")
+                    "toward the sentence embeddings) on the main SST-2 runs")
     ap.add_argument("--sentence-lr", type=float, default=1e-4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="re-render minilm.md from minilm.json in --out")
     args = ap.parse_args(argv)
+    if args.sentence_steps < 0:
+        ap.error(f"--sentence-steps must be 0 or more, got {args.sentence_steps}")
     if args.render_only:
+        if not (args.out / "minilm.json").is_file():
+            ap.error(f"--render-only needs {args.out / 'minilm.json'}")
         res = json.loads((args.out / "minilm.json").read_text())
         write_markdown(res, args, args.out / "minilm.md")
         return 0
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     steps_for = {k: int(v) for k, v in (x.split("=") for x in args.steps_for.split(",") if x)}
 
-    def recover(tag: str, student_folder: Path, texts: list[str], vocab_mix: float) -> Path:
+    def recover(tag: str, student_folder: Path, texts: list[str], vocab_mix: float, sentence_steps: int = 0) -> Path:
         out = args.work / tag
         if work.get(f"recover-{tag}") and out.is_dir():
             return out
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"recovering {tag} on {len(texts)} texts, {steps} steps")
         student = hf.load(student_folder)
         config = distill.DistillConfig(steps=steps, layers=args.layers, lr=args.lr,
-                                       sentence_steps=args.sentence_steps if "sst2" in tag else 0,
+                                       sentence_steps=sentence_steps,
                                        sentence_lr=args.sentence_lr, batch_size=args.batch_size, vocab_mix=vocab_mix,
                                        device="cpu")
         teacher_curve = ref["dev"][: len(curve_t)]
@@ -289,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"r{round(100 * r)}"
         results[f"{tag}-svd"] = measure(f"{tag}-svd", plain(r, tag))
         folder = start(r, tag, "sst2", train_t)
-        rec = recover(f"{tag}-sst2", folder, train_t, 0.0)
+        rec = recover(f"{tag}-sst2", folder, train_t, 0.0, args.sentence_steps)
         results[f"{tag}-sst2"] = {**measure(f"{tag}-sst2", rec), "recovery": work.get(f"recover-{tag}-sst2")}
         if r >= 0.9:
             rec_std = recover(f"{tag}-stdlib", start(r, tag, "stdlib", stdlib), stdlib, args.vocab_mix)
