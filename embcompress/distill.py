@@ -11,6 +11,13 @@ phases:
 2. **sentence** (``sentence_steps`` > 0, or ``layers`` = 0): the whole student is trained toward the teacher's
    sentence embeddings (the mean of the last hidden states over the attended tokens), with ``loss`` = ``cosine``
    (1 - cosine) or ``mse``.
+3. **vocab** (``vocab_steps`` > 0): vocabulary completion. Tokens the texts never show get no gradient in the phases
+   above, so their rows keep the factorization's start while the rest of the model moves on. This phase trains only
+   the table rows of those tokens (W_a's rows for a factorized table): the texts are fed with ``vocab_rate`` of their
+   tokens swapped for unseen ones (cycling through all of them), and the student matches the teacher's token states
+   after ``layers`` blocks (all blocks when 0) on those same inputs. Everything else is frozen, so what the earlier
+   phases learned is kept exactly. MiniLM at R = 90 % recovered on SST-2 train, 1200 steps (6 min on 2 cores):
+   SST-2 test cosine 0.955 -> 0.960, and 0.925 -> 0.940 on the sentences holding a token the texts never show.
 
 Texts come from a ``.txt`` file (one a line) or ``.jsonl`` (a ``text`` field). With ``vocab_mix`` > 0 that fraction
 of each batch is made of random whole words from the model's own tokenizer vocabulary: tokens the texts never show
@@ -38,6 +45,7 @@ from . import hf
 from .checkpoint import check_output
 from .device import resolve_device
 from .errors import InputError
+from .modules import FactorizedEmbedding, GroupedFactorizedEmbedding
 
 TOKEN_LOSSES = ("mse", "cosine")
 SENTENCE_LOSSES = ("cosine", "mse")
@@ -50,7 +58,9 @@ class DistillConfig:
     0). ``lr`` is the layer phase's peak rate (and the sentence phase's when it runs alone), ``sentence_lr`` the
     sentence phase's after a layer phase; both warm up linearly over ``warmup`` of the steps, then decay linearly
     to 0 (AdamW). ``dropout`` keeps the student's dropout on while it learns (off by default: the teacher is
-    deterministic, and MiniLM at R = 90 % fits it better without)."""
+    deterministic, and MiniLM at R = 90 % fits it better without). ``vocab_steps`` of the vocab phase train only
+    the rows of tokens the texts never show, at ``vocab_lr`` (Adam, same schedule), with ``vocab_rate`` of each
+    batch's tokens swapped for them."""
 
     steps: int = 600
     sentence_steps: int = 0
@@ -64,13 +74,16 @@ class DistillConfig:
     weight_decay: float = 0.0
     max_length: int = 128
     vocab_mix: float = 0.0
+    vocab_steps: int = 0
+    vocab_lr: float = 1e-2
+    vocab_rate: float = 0.3
     dropout: bool = False
     seed: int = 0
     device: str = "auto"
 
     def validate(self) -> None:
-        if self.steps < 0 or self.sentence_steps < 0:
-            raise InputError("--steps and --sentence-steps must be 0 or more")
+        if self.steps < 0 or self.sentence_steps < 0 or self.vocab_steps < 0:
+            raise InputError("--steps, --sentence-steps and --vocab-steps must be 0 or more")
         if self.layers < 0:
             raise InputError(f"--layers must be 0 or more, got {self.layers}")
         if self.token_loss not in TOKEN_LOSSES:
@@ -79,10 +92,12 @@ class DistillConfig:
             raise InputError(f"--loss must be one of {', '.join(SENTENCE_LOSSES)}, got {self.loss!r}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not (self.lr > 0 and self.sentence_lr > 0):
+        if not (self.lr > 0 and self.sentence_lr > 0 and self.vocab_lr > 0):
             raise InputError("learning rates must be positive")
         if not 0.0 <= self.vocab_mix < 1.0:
             raise InputError(f"--vocab-mix must be in [0, 1), got {self.vocab_mix}")
+        if not 0.0 < self.vocab_rate <= 1.0:
+            raise InputError(f"vocab_rate must be in (0, 1], got {self.vocab_rate}")
         if not 0.0 <= self.warmup < 1.0:
             raise InputError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if self.max_length < 2:
@@ -205,6 +220,33 @@ def _sentence_loss(s: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
+def _batch_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layers: int | None,
+                *, tokens: bool, config: DistillConfig) -> torch.Tensor:
+    """The student's loss against the teacher on one batch, both run through their first ``layers`` blocks (all when
+    None): over every attended token's state (``tokens``), or over the mean-pooled sentence embeddings."""
+    with (truncated(student, layers) if layers else contextlib.nullcontext()), \
+            (truncated(teacher, layers) if layers else contextlib.nullcontext()):
+        with torch.no_grad():
+            t_hidden = hf.hidden_states(teacher, ids, mask)
+        s_hidden = hf.hidden_states(student, ids, mask)
+    if tokens:
+        keep = mask.bool()
+        return _token_loss(s_hidden[keep], t_hidden[keep], config.token_loss)
+    return _sentence_loss(hf.mean_pool(s_hidden, mask), hf.mean_pool(t_hidden, mask), config.loss)
+
+
+def _update(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor, where: str,
+            rate: str) -> float:
+    """One optimizer step on ``loss``; a non-finite loss stops the run with one line naming the rate to lower."""
+    if not torch.isfinite(loss):
+        raise InputError(f"{where} (loss {float(loss)}); lower {rate}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 StepCallback = Callable[[str, int, int, float], None]  # (phase, step, total, loss)
 
 
@@ -241,23 +283,8 @@ def _phase(
         batch = hf.tokenize(tokenizer, next(batches), config.max_length)
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         # truncation is per step, so that ``on_step`` sees (and may evaluate) the whole model
-        with (truncated(student, layers) if layers else contextlib.nullcontext()), \
-                (truncated(teacher, layers) if layers else contextlib.nullcontext()):
-            with torch.no_grad():
-                t_hidden = hf.hidden_states(teacher, ids, mask)
-            s_hidden = hf.hidden_states(student, ids, mask)
-            if layers:
-                keep = mask.bool()
-                loss = _token_loss(s_hidden[keep], t_hidden[keep], config.token_loss)
-            else:
-                loss = _sentence_loss(hf.mean_pool(s_hidden, mask), hf.mean_pool(t_hidden, mask), config.loss)
-            if not torch.isfinite(loss):
-                raise InputError(f"the {phase} phase diverged at step {step} (loss {float(loss)}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        loss = _batch_loss(student, teacher, ids, mask, layers, tokens=bool(layers), config=config)
+        losses.append(_update(opt, sched, loss, f"the {phase} phase diverged at step {step}", "--lr"))
         if on_step:
             on_step(phase, step, steps, losses[-1])
     for p in student.parameters():
@@ -267,6 +294,102 @@ def _phase(
     return {"phase": phase, "steps": steps, "lr": lr, "layers": layers,
             "loss": config.token_loss if layers else config.loss,
             "loss_first": losses[0] if losses else None, "loss_last": sum(tail) / len(tail) if tail else None,
+            "seconds": time.perf_counter() - start}
+
+
+# --- vocabulary completion --------------------------------------------------------------------------------------
+
+
+def unseen_tokens(tokenizer: Any, texts: list[str], vocab_size: int, max_length: int) -> list[int]:
+    """Token ids of the vocabulary that the texts never show: no specials and no ``[unused]``-style slots."""
+    seen: set[int] = set()
+    for i in range(0, len(texts), 256):
+        for ids in tokenizer(texts[i:i + 256], truncation=True, max_length=max_length)["input_ids"]:
+            seen.update(ids)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    names = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
+    return [i for i, name in enumerate(names)
+            if i not in seen and i not in special and name is not None
+            and not (name.startswith("[") and name.endswith("]"))]
+
+
+def row_parameters(table: nn.Module, ids: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """The parameters holding the rows of tokens ``ids``, each with a (rows x 1) 0/1 mask of those rows:
+    ``nn.Embedding``'s weight, ``FactorizedEmbedding``'s W_a, each block's a_c of a ``GroupedFactorizedEmbedding``.
+    Training them under the masks moves those tokens' vectors and nothing else."""
+    if isinstance(table, GroupedFactorizedEmbedding):
+        groups, rows = table.weight_groups.long()[ids], table.rows[ids]
+        out = []
+        for c, a in enumerate(table.weight_a):
+            mask = torch.zeros(a.shape[0], 1, device=a.device, dtype=a.dtype)
+            mask[rows[groups == c]] = 1.0
+            out.append((a, mask))
+        return out
+    weight = table.weight_a if isinstance(table, FactorizedEmbedding) else getattr(table, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or not weight.is_floating_point():
+        raise InputError(f"vocabulary completion cannot train the rows of a {type(table).__name__} table")
+    mask = torch.zeros(weight.shape[0], 1, device=weight.device, dtype=weight.dtype)
+    mask[ids] = 1.0
+    return [(weight, mask)]
+
+
+def _vocab_phase(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer: Any,
+    batches: Batches,
+    unseen: list[int],
+    *,
+    config: DistillConfig,
+    device: torch.device,
+    on_step: StepCallback | None,
+) -> dict[str, Any]:
+    steps, layers = config.vocab_steps, config.layers or None
+    record = {"phase": "vocab", "steps": steps, "lr": config.vocab_lr, "layers": layers, "loss": config.token_loss,
+              "tokens": len(unseen), "loss_first": None, "loss_last": None, "seconds": 0.0}
+    if not unseen:
+        return {**record, "steps": 0}
+    start = time.perf_counter()
+    table = student.get_input_embeddings()
+    pairs = row_parameters(table, torch.tensor(unseen, device=device))
+    for p in student.parameters():
+        p.requires_grad_(False)
+    hooks = []
+    for p, mask in pairs:
+        p.requires_grad_(True)
+        hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+    opt = torch.optim.Adam([p for p, _ in pairs], lr=config.vocab_lr)
+    sched = _schedule(opt, steps, config.warmup)
+    rng = random.Random(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    pool: list[int] = []
+    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
+    losses: list[float] = []
+    student.eval()
+    try:
+        for step in range(1, steps + 1):
+            batch = hf.tokenize(tokenizer, next(batches), config.max_length)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            swap = mask.bool() & ~torch.isin(ids, special) & (torch.rand(ids.shape, generator=gen) < config.vocab_rate)
+            new = []
+            for _ in range(int(swap.sum())):  # every unseen token in turn, in a fresh order each round
+                if not pool:
+                    pool = unseen[:]
+                    rng.shuffle(pool)
+                new.append(pool.pop())
+            ids = ids.masked_scatter(swap, torch.tensor(new, dtype=ids.dtype)).to(device)
+            mask = mask.to(device)
+            loss = _batch_loss(student, teacher, ids, mask, layers, tokens=True, config=config)
+            losses.append(_update(opt, sched, loss, f"the vocab phase diverged at step {step}", "vocab_lr"))
+            if on_step:
+                on_step("vocab", step, steps, losses[-1])
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in student.parameters():
+            p.requires_grad_(True)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {**record, "loss_first": losses[0], "loss_last": sum(tail) / len(tail),
             "seconds": time.perf_counter() - start}
 
 
@@ -283,7 +406,7 @@ def distill_model(
     architecture); returns one record per phase. The teacher is not changed."""
     config = config or DistillConfig()
     config.validate()
-    if not texts and not config.vocab_mix:
+    if not texts and (not config.vocab_mix or config.vocab_steps):
         raise InputError("no texts to distil on")
     device = resolve_device(config.device)
     student.to(device)
@@ -302,6 +425,12 @@ def distill_model(
         lr = config.sentence_lr if config.layers else config.lr
         phases.append(_phase("sentence", student, teacher, tokenizer, batches, steps=sentence_steps, lr=lr,
                              config=config, device=device, on_step=on_step))
+    if config.vocab_steps:
+        vocab_size = student.get_input_embeddings().num_embeddings
+        unseen = unseen_tokens(tokenizer, texts, vocab_size, config.max_length)
+        plain = Batches(texts, config.batch_size, seed=config.seed + 1)
+        phases.append(_vocab_phase(student, teacher, tokenizer, plain, unseen, config=config, device=device,
+                                   on_step=on_step))
     return phases
 
 

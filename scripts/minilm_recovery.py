@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sentence-steps", type=int, default=0, help="then this many sentence-phase steps (whole model, "
                     "toward the sentence embeddings) on the main SST-2 runs")
     ap.add_argument("--sentence-lr", type=float, default=1e-4)
+    ap.add_argument("--vocab-steps", type=int, default=0, help="then this many vocabulary-completion steps on the "
+                    "SST-2 recoveries (the rows of tokens the texts never show; a separate, cached stage)")
+    ap.add_argument("--vocab-lr", type=float, default=1e-2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--vocab-mix", type=float, default=0.25, help="for the stdlib recovery set")
@@ -176,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="re-render minilm.md from minilm.json in --out")
     args = ap.parse_args(argv)
-    if args.sentence_steps < 0:
-        ap.error(f"--sentence-steps must be 0 or more, got {args.sentence_steps}")
+    if args.sentence_steps < 0 or args.vocab_steps < 0:
+        ap.error("--sentence-steps and --vocab-steps must be 0 or more")
     if args.render_only:
         if not (args.out / "minilm.json").is_file():
             ap.error(f"--render-only needs {args.out / 'minilm.json'}")
@@ -266,6 +269,28 @@ def main(argv: list[str] | None = None) -> int:
                                     "phases": phases, "curve": curve})
         return out
 
+    def complete(tag: str, recovered: Path, texts: list[str]) -> Path:
+        """Vocabulary completion on a recovered model: ``distill``'s vocab phase alone (the layer and sentence
+        phases already ran in ``recover``)."""
+        out = args.work / f"{tag}-vocab"
+        if work.get(f"complete-{tag}") and out.is_dir():
+            return out
+        log(f"completing the vocabulary of {tag}, {args.vocab_steps} steps")
+        student = hf.load(recovered)
+        config = distill.DistillConfig(steps=0, layers=args.layers, vocab_steps=args.vocab_steps,
+                                       vocab_lr=args.vocab_lr, batch_size=args.batch_size, device="cpu")
+
+        def on_step(phase: str, step: int, total: int, loss: float) -> None:
+            if step % args.eval_every == 0 or step == total:
+                log(f"  {tag} vocab step {step}: loss {loss:.4f}")
+
+        phases = distill.distill_model(student, teacher, tok, texts, config, on_step=on_step)
+        if out.exists():
+            shutil.rmtree(out)
+        hf.save(student.cpu(), out, like=recovered, extra_meta={"distilled": {"phases": phases}})
+        work.put(f"complete-{tag}", {"config": config.to_dict(), "phases": phases})
+        return out
+
     stdlib = hf.read_texts(args.texts)
 
     def plain(r: float, tag: str) -> Path:
@@ -295,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = start(r, tag, "sst2", train_t)
         rec = recover(f"{tag}-sst2", folder, train_t, 0.0, args.sentence_steps)
         results[f"{tag}-sst2"] = {**measure(f"{tag}-sst2", rec), "recovery": work.get(f"recover-{tag}-sst2")}
+        final = rec
+        if args.vocab_steps:
+            final = complete(f"{tag}-sst2", rec, train_t)
+            results[f"{tag}-sst2-vocab"] = {**measure(f"{tag}-sst2-vocab", final),
+                                            "completion": work.get(f"complete-{tag}-sst2")}
         if r >= 0.9:
             rec_std = recover(f"{tag}-stdlib", start(r, tag, "stdlib", stdlib), stdlib, args.vocab_mix)
             results[f"{tag}-stdlib"] = {**measure(f"{tag}-stdlib", rec_std),
@@ -303,15 +333,17 @@ def main(argv: list[str] | None = None) -> int:
                 rec_n = recover(f"{tag}-sst2-n{size}", folder, train_t[:size], 0.0)
                 results[f"{tag}-sst2-n{size}"] = {"recovery": work.get(f"recover-{tag}-sst2-n{size}"),
                                                   "folder": str(rec_n)}
-            q = args.work / f"minilm-{tag}-sst2-int8"
+            # int8 and ONNX on top of the final model (completed where --vocab-steps asks for it)
+            q = args.work / f"minilm-{final.name}-int8"
             if not q.is_dir():
-                quantize(rec, 8, output=q)
-            results[f"{tag}-sst2-int8"] = measure(f"{tag}-sst2-int8", q)
+                quantize(final, 8, output=q)
+            results[f"{tag}-sst2-int8"] = {**measure(f"{final.name}-int8", q), "of": final.name}
             if not args.skip_onnx:
-                results["onnx"] = work.get("onnx") or work.put("onnx", onnx_latency(original, rec, args.work))
+                results["onnx"] = (work.get(f"onnx-{final.name}")
+                                   or work.put(f"onnx-{final.name}", onnx_latency(original, final, args.work)))
     results["machine"] = work.get("machine")
     results["settings"] = {"method": args.method, "blocks": args.blocks, "weight_power": args.weight_power,
-                           "smoothing": args.smoothing}
+                           "smoothing": args.smoothing, "vocab_steps": args.vocab_steps, "vocab_lr": args.vocab_lr}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "minilm.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, args, args.out / "minilm.md")
@@ -353,21 +385,28 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
              "frozen, L2-normalised sentence embeddings, SST-2 train -> test (L2 penalty picked on dev). "
              "Recovery: `embcompress finetune --teacher` (`embcompress.distill`: the layer phase, then the sentence "
              "phase where a run has sentence steps), no labels; each run's recipe is in the last table. "
+             "*Vocabulary completion* (`--vocab-steps`, distill's vocab phase) then trains only the table rows of "
+             "the tokens the recovery texts never show, in those texts with 30 % of their tokens swapped for them. "
              + _start_sentence(res.get("settings") or {}) + " *Seen only* and "
              "*with unseen*: the mean cosine over the test sentences whose tokens all occur in the SST-2 training "
-             "sentences, and over those holding at least one token that never does (recovery on SST-2 never trains "
-             f"it; {(res['original'].get('cosine_test_split') or {}).get('unseen_sentences', '-')} of 1821).", "",
+             "sentences, and over those holding at least one token that never does (the layer and sentence phases "
+             f"never train it; {(res['original'].get('cosine_test_split') or {}).get('unseen_sentences', '-')} of 1821).", "",
              "| model | file | of original | mean cosine | worst | 5th pct | seen only | with unseen | probe accuracy "
              "| vs original |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base_acc = orig["probe"]["test_accuracy"]
     names = {"original": "original", "r50-svd": "R = 50 %, plain SVD, not recovered",
              "r50-sst2-start": "R = 50 %, GroupReduce (SST-2 counts), not recovered",
-             "r50-sst2": "R = 50 %, recovered (SST-2 texts)", "r90-svd": "R = 90 %, plain SVD, not recovered",
+             "r50-sst2": "R = 50 %, recovered (SST-2 texts)",
+             "r50-sst2-vocab": "R = 50 %, recovered + vocabulary completion",
+             "r90-svd": "R = 90 %, plain SVD, not recovered",
              "r90-sst2-start": "R = 90 %, GroupReduce (SST-2 counts), not recovered",
              "r90-sst2": "R = 90 %, recovered (SST-2 texts)",
+             "r90-sst2-vocab": "R = 90 %, recovered + vocabulary completion",
              "r90-stdlib-start": "R = 90 %, GroupReduce (stdlib counts), not recovered",
              "r90-stdlib": "R = 90 %, recovered (stdlib texts)", "r90-sst2-int8": "R = 90 %, recovered, int8"}
+    if (res.get("r90-sst2-int8") or {}).get("of", "").endswith("-vocab"):
+        names["r90-sst2-int8"] = "R = 90 %, recovered + vocabulary completion, int8"
     for key, name in names.items():
         if key not in res or "cosine_test" not in res[key]:
             continue
@@ -377,7 +416,7 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
         seen = f"{sp['seen']:.4f} | {sp['unseen']:.4f}" if sp else "- | -"
         lines.append(f"| {name} | {m['file_bytes'] / 1e6:.1f} MB | {m['file_bytes'] / 1e6 / mb:.3f} | {c['mean']:.4f} "
                      f"| {c['worst']:.4f} | {c['p05']:.4f} | {seen} | {100 * acc:.2f} % | {100 * (acc - base_acc):+.2f} |")
-    rec, q = res.get("r90-sst2"), res.get("r90-sst2-int8")
+    rec, q = res.get("r90-sst2-vocab") or res.get("r90-sst2"), res.get("r90-sst2-int8")
     if rec and "cosine_test" in rec:
         c, sp = rec["cosine_test"]["mean"], rec.get("cosine_test_split") or {}
         drop = 100 * (rec["probe"]["test_accuracy"] - base_acc)
@@ -401,15 +440,22 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
             lines.append(f"| {key} | {rec['texts']} | {pt['step']} | {pt['seconds']:.0f} | {pt['mean']:.4f} | "
                          f"{pt['worst']:.4f} |")
     lines += ["", "## Recovery recipes", "",
-              ("| run | texts | layers trained (L) | steps | then sentence steps | batch | lr | vocab mix "
-               "| training time |"),
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              ("| run | texts | layers trained (L) | steps | then sentence steps | then vocab steps | batch | lr "
+               "| vocab mix | training time |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(k for k in res if isinstance(res[k], dict) and res[k].get("recovery")):
         rec = res[key]["recovery"]
         cfg = rec["config"]
         sent = f"{cfg['sentence_steps']} (lr {cfg['sentence_lr']:g})" if cfg.get("sentence_steps") else "0"
-        lines.append(f"| {key} | {rec['texts']} | {cfg['layers']} | {cfg['steps']} | {sent} | {cfg['batch_size']} | "
-                     f"{cfg['lr']:g} | {rec['vocab_mix']:g} | {rec['curve'][-1]['seconds'] / 60:.1f} min |")
+        minutes = rec["curve"][-1]["seconds"] / 60
+        done = (res.get(f"{key}-vocab") or {}).get("completion")
+        vocab = "0"
+        if done:
+            phase = done["phases"][-1]
+            vocab = f"{phase['steps']} (lr {phase['lr']:g}, {phase['tokens']} tokens)"
+            minutes += phase["seconds"] / 60
+        lines.append(f"| {key} | {rec['texts']} | {cfg['layers']} | {cfg['steps']} | {sent} | {vocab} | "
+                     f"{cfg['batch_size']} | {cfg['lr']:g} | {rec['vocab_mix']:g} | {minutes:.1f} min |")
     if "onnx" in res:
         lines += ["", "## ONNX (one sentence, one thread, onnxruntime CPU)", "",
                   "| model | file | latency | worst cosine to torch |", "|---|---:|---:|---:|"]
@@ -443,8 +489,9 @@ def figures(res: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "minilm-recovery.png", dpi=120)
     plt.close(fig)
-    keys = [k for k in ("original", "r50-svd", "r50-sst2-start", "r50-sst2", "r90-svd", "r90-sst2-start", "r90-sst2",
-                        "r90-stdlib-start", "r90-stdlib", "r90-sst2-int8")
+    keys = [k for k in ("original", "r50-svd", "r50-sst2-start", "r50-sst2", "r50-sst2-vocab", "r90-svd",
+                        "r90-sst2-start", "r90-sst2", "r90-sst2-vocab", "r90-stdlib-start", "r90-stdlib",
+                        "r90-sst2-int8")
             if k in res and "cosine_test" in res[k]]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
     a1.bar(keys, [res[k]["cosine_test"]["mean"] for k in keys], color="tab:blue")

@@ -18,7 +18,8 @@ from embcompress.checkpoint import load_checkpoint  # noqa: E402
 from embcompress.cli.main import main  # noqa: E402
 from embcompress.errors import DataError, InputError  # noqa: E402
 from embcompress.factorize import factorize  # noqa: E402
-from embcompress.modules import FactorizedEmbedding  # noqa: E402
+from embcompress.groupreduce import group_reduce  # noqa: E402
+from embcompress.modules import FactorizedEmbedding, GroupedFactorizedEmbedding  # noqa: E402
 from tests.test_hf import WORDS, tiny_bert  # noqa: E402
 
 torch.set_num_threads(1)
@@ -129,12 +130,14 @@ def test_cli_finetune_teacher_and_evaluate_similarity(pair: dict[str, Path], tmp
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ft"
     code = main(["finetune", str(pair["student"]), "--teacher", str(pair["teacher"]), "--data", str(pair["train"]),
-                 "--dev", str(pair["dev"]), "--steps", "8", "--layers", "1", "--batch-size", "8", "--device", "cpu",
-                 "-o", str(out), "--json"])
+                 "--dev", str(pair["dev"]), "--steps", "8", "--vocab-steps", "3", "--layers", "1", "--batch-size", "8",
+                 "--device", "cpu", "-o", str(out), "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     data = json.loads(captured.out)
     assert data["output"] == str(out) and data["after"]["mean"] > 0
+    assert [(p["phase"], p["steps"]) for p in data["phases"]] == [("layer", 8), ("vocab", 3)]
+    assert data["phases"][1]["tokens"] > 0 and data["options"]["vocab_steps"] == 3
     code = main(["evaluate", str(out), "--similarity-to", str(pair["teacher"]), "--data", str(pair["dev"]),
                  "--device", "cpu", "--json"])
     captured = capsys.readouterr()
@@ -174,3 +177,65 @@ def test_finetune_with_labels_cli(pair: dict[str, Path], tmp_path: Path, capsys:
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert json.loads(captured.out)["accuracy"] == pytest.approx(report["dev_after"])
+
+
+def test_unseen_tokens(pair: dict[str, Path]) -> None:
+    tok = hf.load_tokenizer(pair["student"])
+    unseen = distill.unseen_tokens(tok, ["the film is good"], len(tok), 32)
+    ids = tok.convert_tokens_to_ids(["the", "film", "movie", "w7", "[PAD]", "[CLS]", "[MASK]"])
+    assert ids[2] in unseen and ids[3] in unseen
+    assert not {ids[0], ids[1], *ids[4:]} & set(unseen)
+
+
+def test_row_parameters_hold_exactly_those_rows() -> None:
+    torch.manual_seed(0)
+    W = torch.randn(30, 8)
+    gr = group_reduce(W, torch.rand(30) + 0.1, budget=4 * 38, blocks=3, rounds=0)
+    tables = [torch.nn.Embedding(30, 8), FactorizedEmbedding.from_dense(W, 3),
+              GroupedFactorizedEmbedding.from_factors(gr.a, gr.b, gr.groups)]
+    ids = torch.tensor([1, 7, 22, 29])
+    for table in tables:
+        before = table(torch.arange(30)).detach().clone()
+        with torch.no_grad():
+            for p, mask in distill.row_parameters(table, ids):
+                p.add_(mask * torch.randn_like(p))
+        moved = (table(torch.arange(30)) - before).abs().sum(1) > 0
+        assert moved.nonzero().squeeze(1).tolist() == ids.tolist(), type(table).__name__
+    with pytest.raises(InputError, match="cannot train the rows"):
+        distill.row_parameters(torch.nn.Identity(), ids)
+
+
+def test_vocab_phase_trains_only_the_rows_of_unseen_tokens(pair: dict[str, Path]) -> None:
+    teacher, tok = hf.load(pair["teacher"]), hf.load_tokenizer(pair["student"])
+    # training texts use part of the w-words; held-out texts lean on others, which the layer phase never trains:
+    # their stale rows no longer fit the moved W_b and first layer, and the vocab phase fits them again
+    pool = WORDS + [f"w{i}" for i in range(60)]
+    texts = [" ".join(pool[(7 * i + 3 * j) % len(pool)] for j in range(8)) for i in range(120)]
+    held = [" ".join(["the", f"w{60 + (5 * i + j) % 60}", "film", f"w{60 + (11 * i + 3 * j) % 60}"])
+            for i in range(20) for j in range(2)]
+    ref = hf.embed(teacher, tok, held)
+    students, cosines = [], []
+    for vocab_steps in (0, 80):
+        student = hf.load(pair["student"])
+        config = distill.DistillConfig(steps=60, vocab_steps=vocab_steps, layers=1, batch_size=16, lr=5e-3,
+                                       device="cpu")
+        phases = distill.distill_model(student, teacher, tok, texts, config)
+        students.append(student)
+        cosines.append(float(torch.nn.functional.cosine_similarity(hf.embed(student, tok, held), ref).mean()))
+    assert [p["phase"] for p in phases] == ["layer", "vocab"]
+    unseen = distill.unseen_tokens(tok, texts, len(tok), 128)
+    assert phases[1]["tokens"] == len(unseen) > 100
+    assert cosines[1] > cosines[0] + 0.02
+    plain, completed = (s.state_dict() for s in students)
+    assert {k for k, v in plain.items() if not torch.equal(v, completed[k])} == {"embeddings.word_embeddings.weight_a"}
+    ids = torch.arange(len(tok))
+    moved = (students[1].get_input_embeddings()(ids) - students[0].get_input_embeddings()(ids)).abs().sum(1) > 0
+    assert set(moved.nonzero().squeeze(1).tolist()) == set(unseen)
+    assert all(p.requires_grad for p in students[1].parameters())
+
+
+def test_vocab_phase_config_errors() -> None:
+    with pytest.raises(InputError, match="--vocab-steps"):
+        distill.DistillConfig(vocab_steps=-1).validate()
+    with pytest.raises(InputError, match="vocab_rate"):
+        distill.DistillConfig(vocab_rate=0.0).validate()

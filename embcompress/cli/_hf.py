@@ -58,6 +58,7 @@ def finetune_distill(
     *,
     steps: int | None,
     sentence_steps: int | None,
+    vocab_steps: int | None,
     layers: int | None,
     loss: str | None,
     vocab_mix: float | None,
@@ -76,6 +77,7 @@ def finetune_distill(
     config = DistillConfig(
         steps=defaults.steps if steps is None else steps,
         sentence_steps=defaults.sentence_steps if sentence_steps is None else sentence_steps,
+        vocab_steps=defaults.vocab_steps if vocab_steps is None else vocab_steps,
         layers=defaults.layers if layers is None else layers,
         loss=loss or defaults.loss,
         vocab_mix=defaults.vocab_mix if vocab_mix is None else vocab_mix,

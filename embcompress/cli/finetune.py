@@ -40,6 +40,8 @@ EXAMPLES = """Examples:
   embcompress finetune model.r90.safetensors --data train.jsonl --dev dev.jsonl -o model.r90.ft.safetensors --resume
 
   embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt --dev dev.txt   (no labels)
+
+  embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt --steps 1200 --vocab-steps 600
 """
 
 
@@ -74,6 +76,9 @@ def finetune(
     sentence_steps: Annotated[int | None, typer.Option(
         "--sentence-steps", help="[--teacher] Then this many steps on the sentence embeddings, whole model "
         "(default 0).", show_default=False)] = None,
+    vocab_steps: Annotated[int | None, typer.Option(
+        "--vocab-steps", help="[--teacher] Then this many steps training only the table rows of tokens the --data "
+        "texts never show (vocabulary completion; default 0).", show_default=False)] = None,
     loss: Annotated[str | None, typer.Option("--loss", help="[--teacher] Sentence-embedding loss: cosine or mse.",
                                              show_default=False)] = None,
     vocab_mix: Annotated[float | None, typer.Option(
@@ -96,7 +101,7 @@ def finetune(
         if data is None:
             data, _ = workspace.take(None, "texts", what="--data", side="inputs")
         finetune_distill(model, teacher, data, dev, output, steps=steps, sentence_steps=sentence_steps,
-                         layers=layers, loss=loss, vocab_mix=vocab_mix, batch_size=batch_size, lr=lr,
+                         vocab_steps=vocab_steps, layers=layers, loss=loss, vocab_mix=vocab_mix, batch_size=batch_size, lr=lr,
                          max_length=max_length, seed=seed, device=device, force=force, json=json)
         return
     if model is not None and data is not None and is_hf_folder(model):  # labelled: a sequence-classification head

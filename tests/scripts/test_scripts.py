@@ -130,3 +130,12 @@ def test_beyond_minilm_quick(tmp_path: Path) -> None:
     assert v["svd_int8"]["table_bytes"] < 0.3 * v["svd"]["table_bytes"]
     assert all(-1 <= e[stage]["mean"] <= 1 for e in v.values() for stage in ("before", "after"))
     assert "## Targets" in (tmp_path / "beyond_minilm.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("script, page", [("minilm_recovery.py", "minilm"), ("beyond_minilm.py", "beyond_minilm")])
+def test_minilm_pages_are_renderings_of_their_json(tmp_path: Path, script: str, page: str) -> None:
+    """The committed pages re-render byte-identical from their committed JSON (no model or data needed)."""
+    results = ROOT / "docs" / "results"
+    (tmp_path / f"{page}.json").write_bytes((results / f"{page}.json").read_bytes())
+    _run(str(SCRIPTS / script), "--render-only", "--out", str(tmp_path), timeout=120)
+    assert (tmp_path / f"{page}.md").read_text(encoding="utf-8") == (results / f"{page}.md").read_text(encoding="utf-8")
