@@ -20,7 +20,7 @@ from embcompress.errors import DataError, InputError  # noqa: E402
 from embcompress.factorize import factorize  # noqa: E402
 from embcompress.groupreduce import group_reduce  # noqa: E402
 from embcompress.modules import FactorizedEmbedding, GroupedFactorizedEmbedding  # noqa: E402
-from tests.test_hf import WORDS, tiny_bert  # noqa: E402
+from tests.test_hf import TEXTS, WORDS, tiny_bert, tiny_gpt2, tiny_t5  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -156,6 +156,11 @@ def test_cli_finetune_teacher_and_evaluate_similarity(pair: dict[str, Path], tmp
     code = main(["finetune", str(pair["student"]), "--teacher", str(pair["teacher"]), "--data",
                  str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")])
     assert code == 2 and "missing.txt" in capsys.readouterr().err
+    code = main(["finetune", str(pair["student"]), "--teacher", str(pair["teacher"]), "--data", str(pair["train"]),
+                 "--vocab-steps", "-1", "-o", str(tmp_path / "y")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--vocab-steps must be 0 or more" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()
 
 
 def test_finetune_with_labels_cli(pair: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -232,6 +237,21 @@ def test_vocab_phase_trains_only_the_rows_of_unseen_tokens(pair: dict[str, Path]
     moved = (students[1].get_input_embeddings()(ids) - students[0].get_input_embeddings()(ids)).abs().sum(1) > 0
     assert set(moved.nonzero().squeeze(1).tolist()) == set(unseen)
     assert all(p.requires_grad for p in students[1].parameters())
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_t5], ids=["gpt2", "t5"])
+def test_vocab_phase_on_tied_tables(make, pair: dict[str, Path], tmp_path: Path) -> None:
+    """GPT-2's table tied to lm_head and T5's shared table: the vocab phase moves the table's W_a rows only."""
+    original = make(tmp_path / "m")
+    factorize(original, rank=4, output=tmp_path / "m-k4")
+    student, teacher = hf.load(tmp_path / "m-k4"), hf.load(original)
+    tok = hf.load_tokenizer(pair["student"])  # the tiny BERT's word-piece vocabulary has the same size
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    config = distill.DistillConfig(steps=0, layers=1, vocab_steps=3, batch_size=4, device="cpu")
+    phases = distill.distill_model(student, teacher, tok, TEXTS, config)
+    assert phases[0]["phase"] == "vocab" and phases[0]["tokens"] > 200
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith("weight_a") for k in changed)
 
 
 def test_vocab_phase_config_errors() -> None:
