@@ -52,10 +52,14 @@ from .checkpoint import (
     save_safetensors,
 )
 from .errors import CheckpointError, DataError, DependencyError, InputError, TableError
+from .factorize import COUNTED_METHODS, METHODS, groups_name
+from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, group_reduce
 from .modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding, TiedFactorizedLinear
 from .quant import dequantized_state_dict
 from .rank import achieved_reduction, choose_rank
+from .svd import factorize_weighted
 from .tables import is_embedding_candidate
+from .weighting import DEFAULT_SMOOTHING, Counts
 
 MISSING = "transformers is not installed: pip install 'embcompress[hf]' (transformers and tokenizers)"
 TASKS = ("auto", "base", "sequence-classification")
@@ -316,19 +320,48 @@ def factorize_model(
     rank: int | None = None,
     tables: list[str] | None = None,
     method: str = "exact",
+    counts: Counts | None = None,
+    smoothing: float = DEFAULT_SMOOTHING,
+    weight_power: float = 1.0,
+    blocks: int = DEFAULT_BLOCKS,
+    rounds: int = DEFAULT_ROUNDS,
     force: bool = False,
 ) -> list[Swap]:
-    """Factorize a transformers model's token table(s) in place by truncated SVD, keeping every tie."""
+    """Factorize a transformers model's token table(s) in place, keeping every tie.
+
+    ``method`` is a truncated SVD (``exact``, ``randomized``) or, with token ``counts`` (``embcompress.weighting``:
+    ``count_corpus`` or ``count_ids``), the frequency-weighted SVD (``weighted``) or GroupReduce (``groupreduce``,
+    ``blocks`` blocks in the plain SVD's budget), with row weights (count + ``smoothing``) ** ``weight_power``, as
+    in ``embcompress.factorize``."""
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if (method in COUNTED_METHODS) != (counts is not None):
+        raise InputError("token counts go with method='weighted' or 'groupreduce', and those need them")
+    weights = counts.weights(smoothing, weight_power) if counts is not None else None
     swaps = []
     for name in tables or tables_of(model):
         old = model.get_submodule(name)
         if not isinstance(old, nn.Embedding):
             raise InputError(f"{name!r} is not an nn.Embedding")
-        V, d = old.weight.shape
+        W = old.weight.detach()
+        V, d = W.shape
         k = choose_rank(V, d, reduction=reduction, rank=rank, force=force, table=name)
-        new = FactorizedEmbedding.from_dense(old.weight.detach(), k, method=method)
+        if weights is not None and weights.numel() != V:
+            raise InputError(f"{name}: {weights.numel()} token counts for a table of {V} rows")
+        new: FactorizedEmbedding | GroupedFactorizedEmbedding
+        if method == "groupreduce":
+            g = group_reduce(W.cpu(), weights, budget=k * (V + d), blocks=blocks, rounds=rounds)
+            new = GroupedFactorizedEmbedding.from_factors([a.to(W.device) for a in g.a], [b.to(W.device) for b in g.b],
+                                                          g.groups.to(W.device))
+            new.rel_error = g.rel_error
+        elif method == "weighted":
+            f = factorize_weighted(W, k, weights.to(W.device))
+            new = FactorizedEmbedding.from_factors(f.a.to(W.dtype), f.b.to(W.dtype))
+            new.rel_error = f.rel_error
+        else:
+            new = FactorizedEmbedding.from_dense(W, k, method=method)
         tied = swap_table(model, name, new)
-        swaps.append(Swap(name, (V, d), k, new.rel_error, tied))
+        swaps.append(Swap(name, (V, d), new.rank, new.rel_error, tied))
     return swaps
 
 
@@ -422,6 +455,10 @@ def _metadata(model: nn.Module, tables: dict[str, dict[str, Any]], state: dict[s
             "factors": factors,
             "tied": {**{t: r for t, r in (old.get("tied") or {}).items() if t not in info["tied"]}, **info["tied"]},
         }
+        if isinstance(mod, GroupedFactorizedEmbedding):  # the blocks are what hf.load rebuilds the module from
+            entries[name]["method"] = old.get("method", "groupreduce")
+            entries[name]["blocks"] = {**(old.get("blocks") or {}), "ranks": list(mod.ranks),
+                                       "sizes": [a.shape[0] for a in mod.weight_a], "groups": groups_name(name)}
         if (extra and {"distilled", "finetuned"} & set(extra)) or old.get("trained"):
             entries[name]["trained"] = True  # rel_error and energy_kept describe the SVD, before training
     params_after = sum(t.numel() for t in state.values())

@@ -215,6 +215,31 @@ def test_factorize_model_in_memory_keeps_ties(folders: dict[str, Path]) -> None:
         hf.factorize_model(model, rank=8, tables=["shared"])
 
 
+@pytest.mark.parametrize("method", ["weighted", "groupreduce"])
+def test_factorize_model_in_memory_with_counts(folders: dict[str, Path], tmp_path: Path, method: str) -> None:
+    from embcompress.modules import GroupedFactorizedEmbedding
+    from embcompress.weighting import count_ids
+
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(folders["gpt2"]))
+    tok = hf.load_tokenizer(folders["bert"])
+    counts = count_ids(tok(TEXTS * 3)["input_ids"], V, "texts")
+    with pytest.raises(InputError, match="token counts"):
+        hf.factorize_model(copy.deepcopy(model), reduction=0.9, method=method)
+    plain = hf.factorize_model(copy.deepcopy(model), reduction=0.9)
+    swaps = hf.factorize_model(model, reduction=0.9, method=method, counts=counts, blocks=4)
+    table = model.get_input_embeddings()
+    assert isinstance(table, GroupedFactorizedEmbedding if method == "groupreduce" else FactorizedEmbedding)
+    assert swaps[0].tied == ["lm_head"] and model.lm_head.embedding[0] is table
+    assert sum(p.numel() for p in table.parameters()) <= plain[0].rank * (V + 32)
+    with torch.no_grad():
+        logits = model(input_ids=batch()["input_ids"]).logits
+    hf.save(model, tmp_path / "out", like=folders["gpt2"])
+    again = hf.load(tmp_path / "out")
+    assert type(again.get_input_embeddings()) is type(table)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=batch()["input_ids"]).logits, logits)
+
+
 def test_quantized_folder_loads(folders: dict[str, Path], tmp_path: Path) -> None:
     from embcompress.quant import quantize
 
