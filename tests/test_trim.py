@@ -1,7 +1,7 @@
 """Vocabulary trimming (``embcompress.trim``): fewer rows, the same outputs for in-corpus text, ties kept.
 
-Classifier tests build a tiny DAN; the Hugging Face tests build tiny BERT and GPT-2 folders with their tokenizers
-(WordPiece, byte-level BPE) and are skipped without transformers.
+Classifier tests build a tiny DAN; the Hugging Face tests build tiny BERT, GPT-2 and T5 folders with their tokenizers
+(WordPiece, byte-level BPE, sentencepiece-style Unigram) and are skipped without transformers.
 """
 
 from __future__ import annotations
@@ -222,6 +222,33 @@ def _tiny_gpt2(folder: Path) -> Path:
     return folder
 
 
+def _tiny_t5_unigram(folder: Path, *, spiece: bool = False) -> Path:
+    """A tiny T5 with a sentencepiece-style Unigram tokenizer built in memory (``tokenizer.json``; with ``spiece``,
+    also a stand-in ``spiece.model`` that trim must leave out)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    uni = Tokenizer(models.Unigram())
+    uni.normalizer = normalizers.NFKC()
+    uni.pre_tokenizer = pre_tokenizers.Metaspace()
+    uni.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    uni.train_from_iterator([*HF_CORPUS, "the quick brown fox jumps over the lazy dog", "pieces of words"] * 5,
+                            trainer)
+    tok = transformers.T5TokenizerFast(tokenizer_object=uni, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                       extra_ids=0)
+    torch.manual_seed(2)
+    cfg = transformers.T5Config(vocab_size=len(tok), d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                                decoder_start_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                                eos_token_id=tok.eos_token_id)
+    transformers.T5ForConditionalGeneration(cfg).eval().save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    if spiece:
+        (folder / "spiece.model").write_bytes(b"not a real sentencepiece model")
+    return folder
+
+
 def _encode(folder: Path, texts: list[str]) -> list[list[int]]:
     from embcompress import hf
 
@@ -289,6 +316,30 @@ def test_gpt2_bpe_trim_keeps_tie_and_logits(tmp_path: Path) -> None:
             lo, ln = before(old).logits, after(new).logits
         assert torch.allclose(lo[..., keep], ln, atol=1e-5)
     assert _encode(out, ["completely new text!"])[0]  # the byte alphabet still covers any text
+
+
+@pytest.mark.parametrize("spiece", [False, True], ids=["tokenizer.json", "with spiece.model"])
+def test_t5_unigram_trim_keeps_ties_and_states(tmp_path: Path, spiece: bool) -> None:
+    from embcompress import hf
+
+    src = _tiny_t5_unigram(tmp_path / "t5", spiece=spiece)
+    corpus = _texts(tmp_path, HF_CORPUS)
+    out = tmp_path / "t5-trim"
+    result = trim(src, corpus, out)
+    assert "Unigram" in result.tokenizer and result.texts_changed == 0 and result.rows_after < result.rows_before
+    assert not (out / "spiece.model").exists()
+    keep = _old_ids(src, out)
+    assert [[keep[i] for i in ids] for ids in _encode(out, HF_CORPUS)] == _encode(src, HF_CORPUS)
+    before, after = hf.load(src), hf.load(out)
+    assert after.shared.weight.shape[0] == result.rows_after
+    assert after.encoder.embed_tokens.weight.data_ptr() == after.shared.weight.data_ptr()
+    for text in HF_CORPUS:
+        old = torch.tensor([_encode(src, [text])[0]])
+        new = torch.tensor([_encode(out, [text])[0]])
+        with torch.no_grad():
+            assert torch.allclose(before.encoder(input_ids=old).last_hidden_state,
+                                  after.encoder(input_ids=new).last_hidden_state, atol=1e-5)
+    assert _encode(out, ["completely new text"])[0]  # unknown pieces fall back to <unk>
 
 
 def test_factorized_bert_and_trim_then_factorize(tmp_path: Path) -> None:
