@@ -390,7 +390,7 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
              + _start_sentence(res.get("settings") or {}) + " *Seen only* and "
              "*with unseen*: the mean cosine over the test sentences whose tokens all occur in the SST-2 training "
              "sentences, and over those holding at least one token that never does (the layer and sentence phases "
-             f"never train it; {(res['original'].get('cosine_test_split') or {}).get('unseen_sentences', '-')} of 1821).", "",
+             f"never train it; {(orig.get('cosine_test_split') or {}).get('unseen_sentences', '-')} of 1821).", "",
              "| model | file | of original | mean cosine | worst | 5th pct | seen only | with unseen | probe accuracy "
              "| vs original |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -101,8 +101,9 @@ def finetune(
         if data is None:
             data, _ = workspace.take(None, "texts", what="--data", side="inputs")
         finetune_distill(model, teacher, data, dev, output, steps=steps, sentence_steps=sentence_steps,
-                         vocab_steps=vocab_steps, layers=layers, loss=loss, vocab_mix=vocab_mix, batch_size=batch_size, lr=lr,
-                         max_length=max_length, seed=seed, device=device, force=force, json=json)
+                         vocab_steps=vocab_steps, layers=layers, loss=loss, vocab_mix=vocab_mix,
+                         batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, device=device, force=force,
+                         json=json)
         return
     if model is not None and data is not None and is_hf_folder(model):  # labelled: a sequence-classification head
         from ._hf import finetune_labels
