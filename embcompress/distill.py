@@ -32,7 +32,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,12 +301,18 @@ def _phase(
 # --- vocabulary completion --------------------------------------------------------------------------------------
 
 
-def unseen_tokens(tokenizer: Any, texts: list[str], vocab_size: int, max_length: int) -> list[int]:
-    """Token ids of the vocabulary that the texts never show: no specials and no ``[unused]``-style slots."""
-    seen: set[int] = set()
+def token_counts(tokenizer: Any, texts: list[str], max_length: int = hf.DEFAULT_MAX_LENGTH) -> Counter[int]:
+    """How often each token id occurs in the texts (as the tokenizer cuts them, specials included)."""
+    counts: Counter[int] = Counter()
     for i in range(0, len(texts), 256):
         for ids in tokenizer(texts[i:i + 256], truncation=True, max_length=max_length)["input_ids"]:
-            seen.update(ids)
+            counts.update(ids)
+    return counts
+
+
+def unseen_tokens(tokenizer: Any, texts: list[str], vocab_size: int, max_length: int) -> list[int]:
+    """Token ids of the vocabulary that the texts never show: no specials and no ``[unused]``-style slots."""
+    seen = token_counts(tokenizer, texts, max_length)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     names = tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))
     return [i for i, name in enumerate(names)
@@ -500,9 +507,36 @@ def _check_pair(student: nn.Module, teacher: nn.Module, src: Path, tea: Path) ->
 # --- similarity to the original -------------------------------------------------------------------------------
 
 
+COVERAGE_GROUPS: tuple[tuple[int, int | None], ...] = ((0, 0), (1, 2), (3, 9), (10, None))
+
+
+def rarest_counts(tokenizer: Any, texts: list[str], counts: Counter[int],
+                  max_length: int = hf.DEFAULT_MAX_LENGTH) -> list[int]:
+    """For each text, how often its rarest token occurs in ``counts`` (0: a token the counted texts never show)."""
+    out = []
+    for i in range(0, len(texts), 256):
+        for ids in tokenizer(texts[i:i + 256], truncation=True, max_length=max_length)["input_ids"]:
+            out.append(min((counts[t] for t in ids), default=0))
+    return out
+
+
+def coverage_groups(cosines: Sequence[float], rarest: Sequence[int],
+                    groups: Sequence[tuple[int, int | None]] = COVERAGE_GROUPS) -> list[dict[str, Any]]:
+    """Mean cosine of the texts grouped by their rarest token's count in the recovery texts: where recovery has
+    seen a text's words often, the student follows the original closely; the gap sits in rare and unseen words."""
+    out = []
+    for lo, hi in groups:
+        picked = [c for c, n in zip(cosines, rarest, strict=True) if n >= lo and (hi is None or n <= hi)]
+        name = f"{lo}+" if hi is None else str(lo) if lo == hi else f"{lo}-{hi}"
+        out.append({"group": name, "min": lo, "max": hi, "texts": len(picked),
+                    "mean": sum(picked) / len(picked) if picked else None})
+    return out
+
+
 @dataclass
 class SimilarityReport:
-    """``evaluate --similarity-to``: the cosine between a model's and the original's sentence embeddings."""
+    """``evaluate --similarity-to``: the cosine between a model's and the original's sentence embeddings; with
+    ``coverage_of``, also by how often each text's rarest token occurs in those (recovery) texts."""
 
     model: str
     original: str
@@ -514,6 +548,8 @@ class SimilarityReport:
     count: int
     worst_text: str
     seconds: float
+    coverage_of: str | None = None
+    coverage: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -528,9 +564,11 @@ def similarity_to(
     batch_size: int = 64,
     max_length: int = hf.DEFAULT_MAX_LENGTH,
     device: str = "auto",
+    coverage_of: str | os.PathLike[str] | None = None,
 ) -> SimilarityReport:
     """Mean, worst, 5th-percentile and median cosine between two Hugging Face models' mean-pooled sentence
-    embeddings of the texts of ``data_path`` (``.txt`` or ``.jsonl``)."""
+    embeddings of the texts of ``data_path`` (``.txt`` or ``.jsonl``); with ``coverage_of`` (the recovery texts),
+    also the mean by ``coverage_groups``."""
     start = time.perf_counter()
     src, orig, data = Path(model_path), Path(original_path), Path(data_path)
     for p, what in ((src, "model"), (orig, "--similarity-to")):
@@ -543,8 +581,13 @@ def similarity_to(
     _check_pair(model, original, src, orig)
     tokenizer = hf.load_tokenizer(src)
     sim = hf.similarity(model, original, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    coverage = None
+    if coverage_of is not None:
+        counts = token_counts(tokenizer, hf.read_texts(coverage_of), max_length)
+        coverage = coverage_groups(sim.per_text, rarest_counts(tokenizer, texts, counts, max_length))
     return SimilarityReport(str(src), str(orig), str(data), sim.mean, sim.worst, sim.p05, sim.median, sim.count,
-                            sim.worst_text, time.perf_counter() - start)
+                            sim.worst_text, time.perf_counter() - start,
+                            str(coverage_of) if coverage_of is not None else None, coverage)
 
 
 # --- with labels: a sequence-classification head ----------------------------------------------------------------

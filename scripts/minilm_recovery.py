@@ -37,7 +37,6 @@ import platform
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +89,6 @@ class Work:
         t = make()
         torch.save(t, path)
         return t
-
-
-COVERAGE = ((0, 0), (1, 2), (3, 9), (10, 1 << 62))
-
-
-def _bucket(lo: int, hi: int) -> str:
-    return f"{lo}+" if hi == 1 << 62 else f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def log(msg: str) -> None:
@@ -253,17 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     seen_ids = {i for text in train_t for i in tok(text)["input_ids"]}
     unseen = torch.tensor([any(i not in seen_ids for i in tok(text)["input_ids"]) for text in test_t])
     # how often each test sentence's rarest token occurs in the recovery texts (0: never, the split above)
-    train_counts = Counter(i for text in train_t for i in tok(text)["input_ids"])
-    rarest = torch.tensor([min(train_counts[i] for i in tok(text)["input_ids"]) for text in test_t])
+    rarest = distill.rarest_counts(tok, test_t, distill.token_counts(tok, train_t))
 
     def by_coverage(emb: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Mean test cosine by the rarest token's count in the SST-2 training sentences, and on those sentences."""
         c = F.cosine_similarity(emb["test"].double(), ref["test"].double(), dim=1)
         out: dict[str, Any] = {"train": float(F.cosine_similarity(emb["train"].double(), ref["train"].double(),
                                                                    dim=1).mean())}
-        for lo, hi in COVERAGE:
-            keep = (rarest >= lo) & (rarest <= hi)
-            out[_bucket(lo, hi)] = {"sentences": int(keep.sum()), "mean": float(c[keep].mean()) if keep.any() else None}
+        for g in distill.coverage_groups(c.tolist(), rarest):
+            out[g["group"]] = {"sentences": g["texts"], "mean": g["mean"]}
         return out
 
     results: dict[str, Any] = {"original": measure("original", original, teacher)}
@@ -515,7 +505,7 @@ def _coverage_section(res: dict[str, Any], names: dict[str, str], n_train: int) 
                         "r50-sst2-vocab") if (res.get(k) or {}).get("cosine_by_coverage")]
     if not base or not keys:
         return []
-    buckets = [_bucket(lo, hi) for lo, hi in COVERAGE]
+    buckets = [g["group"] for g in distill.coverage_groups([], [])]
     head = " | ".join(f"{b} ({base[b]['sentences']})" for b in buckets)
     lines = ["", "## Where the gap is: how well the recovery texts cover a sentence's tokens", "",
              "Mean cosine on the SST-2 test sentences, grouped by how often the sentence's rarest token occurs in "

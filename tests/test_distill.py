@@ -126,6 +126,20 @@ def test_config_and_input_errors(pair: dict[str, Path], tmp_path: Path) -> None:
         distill.similarity_to(pair["student"], other, pair["dev"], device="cpu")
 
 
+def test_coverage_groups_split_the_texts_by_their_rarest_token() -> None:
+    groups = distill.coverage_groups([0.9, 0.8, 0.7, 1.0, 0.6], [0, 1, 2, 12, 0])
+    assert [(g["group"], g["texts"]) for g in groups] == [("0", 2), ("1-2", 2), ("3-9", 0), ("10+", 1)]
+    assert groups[0]["mean"] == pytest.approx(0.75) and groups[1]["mean"] == pytest.approx(0.75)
+    assert groups[2]["mean"] is None and groups[3]["mean"] == pytest.approx(1.0)
+
+
+def test_rarest_counts(pair: dict[str, Path]) -> None:
+    tok = hf.load_tokenizer(pair["teacher"])
+    counts = distill.token_counts(tok, ["the film is good", "the film is bad", "the film"])
+    assert counts[tok.convert_tokens_to_ids("film")] == 3 and counts[tok.cls_token_id] == 3
+    assert distill.rarest_counts(tok, ["the film", "the good film", "a film"], counts) == [3, 1, 0]
+
+
 def test_cli_finetune_teacher_and_evaluate_similarity(pair: dict[str, Path], tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ft"
@@ -153,6 +167,24 @@ def test_cli_finetune_teacher_and_evaluate_similarity(pair: dict[str, Path], tmp
     assert [e["command"] for e in record["entries"]] == ["finetune", "evaluate", "evaluate"]
     assert record["entries"][-1]["figures"]["cosine_mean"] == pytest.approx(sim["mean"], abs=1e-6)
     assert [a["role"] for a in record["entries"][-1]["inputs"]] == ["model", "original", "texts"]
+    # --coverage-of: the same cosines, grouped by how often each text's rarest token occurs in the recovery texts
+    code = main(["evaluate", str(out), "--similarity-to", str(pair["teacher"]), "--data", str(pair["dev"]),
+                 "--coverage-of", str(pair["train"]), "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    cov = json.loads(captured.out)["coverage"]
+    assert [g["group"] for g in cov] == ["0", "1-2", "3-9", "10+"] and sum(g["texts"] for g in cov) == 40
+    assert sum(g["texts"] * g["mean"] for g in cov if g["texts"]) / 40 == pytest.approx(sim["mean"], abs=1e-5)
+    code = main(["evaluate", str(out), "--similarity-to", str(pair["teacher"]), "--data", str(pair["dev"]),
+                 "--coverage-of", str(pair["train"]), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0 and "rarest token occurs in" in captured.out and "10+" in captured.out
+    code = main(["evaluate", str(out), "--data", str(pair["dev"]), "--coverage-of", str(pair["train"])])
+    captured = capsys.readouterr()
+    assert code == 2 and "--coverage-of needs --similarity-to" in captured.err and "Traceback" not in captured.err
+    code = main(["evaluate", str(out), "--similarity-to", str(pair["teacher"]), "--data", str(pair["dev"]),
+                 "--coverage-of", str(tmp_path / "nope.txt"), "--device", "cpu"])
+    assert code != 0 and "nope.txt" in capsys.readouterr().err
     code = main(["finetune", str(pair["student"]), "--teacher", str(pair["teacher"]), "--data",
                  str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x")])
     assert code == 2 and "missing.txt" in capsys.readouterr().err

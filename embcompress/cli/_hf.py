@@ -115,17 +115,18 @@ def finetune_distill(
 
 
 def evaluate_similarity(model: Path, original: Path, data: Path, *, batch_size: int, max_length: int | None,
-                        limit: int | None, device: str, json: bool) -> None:
-    """``embcompress evaluate MODEL --similarity-to ORIGINAL --data texts``."""
+                        limit: int | None, device: str, json: bool, coverage_of: Path | None = None) -> None:
+    """``embcompress evaluate MODEL --similarity-to ORIGINAL --data texts [--coverage-of RECOVERY_TEXTS]``."""
     from ..distill import similarity_to
     from ..hf import DEFAULT_MAX_LENGTH
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     report = similarity_to(model, original, data, limit=limit, batch_size=batch_size,
-                           max_length=max_length or DEFAULT_MAX_LENGTH, device=device)
+                           max_length=max_length or DEFAULT_MAX_LENGTH, device=device, coverage_of=coverage_of)
     workspace.record("evaluate", options={"similarity_to": str(original), "batch_size": batch_size},
-                     inputs=[("model", model), ("original", original), ("texts", data)], outputs=[],
+                     inputs=[("model", model), ("original", original), ("texts", data)]
+                     + ([("coverage_of", coverage_of)] if coverage_of else []), outputs=[],
                      figures={"cosine_mean": report.mean, "cosine_worst": report.worst, "cosine_p05": report.p05,
                               "cosine_median": report.median, "count": report.count})
     if json:
@@ -135,6 +136,11 @@ def evaluate_similarity(model: Path, original: Path, data: Path, *, batch_size: 
                   f"{report.mean:.4f}, worst {report.worst:.4f}, 5th percentile {report.p05:.4f}, median "
                   f"{report.median:.4f}; {report.seconds:.1f} s")
     console.print(f"worst text: {report.worst_text[:160]!r}")
+    if report.coverage:
+        console.print(f"mean cosine by how often a text's rarest token occurs in {coverage_of}:")
+        console.print(table(None, ["times", "texts", "mean cosine"],
+                            [[g["group"], g["texts"], "-" if g["mean"] is None else f"{g['mean']:.4f}"]
+                             for g in report.coverage]))
 
 
 def finetune_labels(model: Path, data: Path, dev: Path | None, output: Path | None, *, epochs: int | None,

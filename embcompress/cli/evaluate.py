@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import workspace
+from ..errors import InputError
 from ..hf import is_hf_folder
 from ..train.run import evaluate_classifier
 from ._options import DeviceOpt, JsonOpt
@@ -20,6 +21,8 @@ EXAMPLES = """Examples:
   embcompress evaluate model.r90.ft.safetensors --data test.jsonl --json
 
   embcompress evaluate minilm-r90-ft --similarity-to all-MiniLM-L6-v2 --data texts.txt   (Hugging Face encoders)
+
+  embcompress evaluate minilm-r90-ft --similarity-to all-MiniLM-L6-v2 --data test.jsonl --coverage-of train.txt
 """
 
 
@@ -35,6 +38,10 @@ def evaluate(
         "--similarity-to", help="The original Hugging Face model folder: report the mean and worst cosine between "
         "MODEL's and its mean-pooled sentence embeddings of the --data texts (.txt, one a line, or .jsonl).",
         show_default=False)] = None,
+    coverage_of: Annotated[Path | None, typer.Option(
+        "--coverage-of", help="With --similarity-to: the texts MODEL was recovered on. Also report the mean cosine "
+        "by how often each --data text's rarest token occurs in them (never, 1-2, 3-9, 10+ times).",
+        show_default=False)] = None,
 ) -> None:
     """Score a classifier: accuracy, macro-F1, precision/recall/F1 per class, and examples per second."""
     model, recorded = workspace.take(model, "model", what="model")
@@ -44,8 +51,10 @@ def evaluate(
         from ._hf import evaluate_similarity
 
         evaluate_similarity(model, similarity_to, data, batch_size=min(batch_size, 64), max_length=None,
-                            limit=None, device=device, json=json)
+                            limit=None, device=device, json=json, coverage_of=coverage_of)
         return
+    if coverage_of is not None:
+        raise InputError("--coverage-of needs --similarity-to ORIGINAL")
     if is_hf_folder(model):  # a Hugging Face sequence classifier (finetune HF_FOLDER --data labelled.jsonl)
         from ._hf import evaluate_labels
 
