@@ -575,6 +575,7 @@ def similarity_to(
         if not hf.is_hf_folder(p):
             raise InputError(f"{p}: {what} must be a Hugging Face model folder (config.json with a model_type)")
     texts = hf.read_texts(data, limit=limit)
+    recovery_texts = hf.read_texts(coverage_of) if coverage_of is not None else None
     dev = resolve_device(device)
     model = hf.load(src, task="base", device=dev)
     original = hf.load(orig, task="base", device=dev)
@@ -582,8 +583,8 @@ def similarity_to(
     tokenizer = hf.load_tokenizer(src)
     sim = hf.similarity(model, original, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     coverage = None
-    if coverage_of is not None:
-        counts = token_counts(tokenizer, hf.read_texts(coverage_of), max_length)
+    if recovery_texts is not None:
+        counts = token_counts(tokenizer, recovery_texts, max_length)
         coverage = coverage_groups(sim.per_text, rarest_counts(tokenizer, texts, counts, max_length))
     return SimilarityReport(str(src), str(orig), str(data), sim.mean, sim.worst, sim.p05, sim.median, sim.count,
                             sim.worst_text, time.perf_counter() - start,
