@@ -301,12 +301,17 @@ def _phase(
 # --- vocabulary completion --------------------------------------------------------------------------------------
 
 
+def _token_ids(tokenizer: Any, texts: list[str], max_length: int) -> Iterator[list[int]]:
+    """Each text's token ids as the model sees them (truncated, specials included), tokenized 256 at a time."""
+    for i in range(0, len(texts), 256):
+        yield from tokenizer(texts[i:i + 256], truncation=True, max_length=max_length)["input_ids"]
+
+
 def token_counts(tokenizer: Any, texts: list[str], max_length: int = hf.DEFAULT_MAX_LENGTH) -> Counter[int]:
     """How often each token id occurs in the texts (as the tokenizer cuts them, specials included)."""
     counts: Counter[int] = Counter()
-    for i in range(0, len(texts), 256):
-        for ids in tokenizer(texts[i:i + 256], truncation=True, max_length=max_length)["input_ids"]:
-            counts.update(ids)
+    for ids in _token_ids(tokenizer, texts, max_length):
+        counts.update(ids)
     return counts
 
 
@@ -513,11 +518,7 @@ COVERAGE_GROUPS: tuple[tuple[int, int | None], ...] = ((0, 0), (1, 2), (3, 9), (
 def rarest_counts(tokenizer: Any, texts: list[str], counts: Counter[int],
                   max_length: int = hf.DEFAULT_MAX_LENGTH) -> list[int]:
     """For each text, how often its rarest token occurs in ``counts`` (0: a token the counted texts never show)."""
-    out = []
-    for i in range(0, len(texts), 256):
-        for ids in tokenizer(texts[i:i + 256], truncation=True, max_length=max_length)["input_ids"]:
-            out.append(min((counts[t] for t in ids), default=0))
-    return out
+    return [min((counts[t] for t in ids), default=0) for ids in _token_ids(tokenizer, texts, max_length)]
 
 
 def coverage_groups(cosines: Sequence[float], rarest: Sequence[int],
