@@ -8,8 +8,9 @@ Three kinds of input are read, lazily where the format allows:
 * a ``.pt`` / ``.bin`` state dict, loaded only with ``torch.load(weights_only=True)``: a checkpoint is untrusted
   data, and a pickle that holds anything but tensors is refused without running it.
 
-Outputs are written atomically (a temporary file or folder beside the target, then a rename), never over an input,
-and over an existing output only when the caller says ``force``. Tensors that are not being compressed pass through
+Outputs are written atomically (``atomic_path``: a temporary ``.NAME.embcompress-tmp-PID-RANDOM`` beside the target,
+written, flushed to disk, then renamed), never over an input, never over a device, FIFO or socket, and over an
+existing output only when the caller says ``force``; a later run removes the temporaries of a killed one. Tensors that are not being compressed pass through
 unchanged, whatever their dtype.
 
 Factorized files carry an ``embcompress`` key in their safetensors metadata: a JSON document (``META_KEY``) that
@@ -20,22 +21,25 @@ the relative error, and the tensors tied to it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import stat
+import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError, InputError, OutputError
 
 META_KEY = "embcompress"
 FORMAT_VERSION = 1
@@ -55,6 +59,11 @@ _DTYPE_NAMES = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 _NAMES_TO_DTYPE = {v: k for k, v in _DTYPE_NAMES.items()}
 
@@ -165,6 +174,8 @@ class Checkpoint:
             meta = json.loads(raw)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{self.path}: the '{META_KEY}' metadata is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise CheckpointError(f"{self.path}: the '{META_KEY}' metadata is nested too deeply to read") from None
         if not isinstance(meta, dict):
             raise CheckpointError(f"{self.path}: the '{META_KEY}' metadata is not a JSON object")
         return meta
@@ -277,6 +288,8 @@ def _read_json(file: Path) -> Any:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({_one_line(e)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: JSON nested too deeply to read") from None
 
 
 def _shards(folder: Path, index_name: str) -> list[Path]:
@@ -296,6 +309,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
+    check_input(p)
     if p.is_dir():
         config = _read_json(p / "config.json") if (p / "config.json").is_file() else None
         if (p / "model.safetensors").is_file():
@@ -324,14 +338,55 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     )
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Refuse a table holding NaN or Inf: no factorization of it would mean anything."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"table {name!r} holds {bad} NaN or Inf value(s); refusing to factorize it")
+def check_finite(name: str, tensor: torch.Tensor, *, what: str = "table", action: str = "factorize it") -> None:
+    """Refuse a tensor holding NaN or Inf, naming it and its first bad row: nothing computed from it would mean
+    anything (a factorization, a score, an export, a fine-tuning)."""
+    if not tensor.is_floating_point():
+        return
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        first = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0]) if bad.dim() > 0 else 0
+        raise CheckpointError(f"{what} {name!r} holds {int(bad.sum())} NaN or Inf value(s), the first in row "
+                              f"{first}; refusing to {action}")
+
+
+def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], *, action: str) -> None:
+    """``check_finite`` on every floating tensor of a state dict or a module's ``named_parameters()``."""
+    for name, tensor in tensors:
+        check_finite(name, tensor.detach(), what="tensor", action=action)
+
+
+# --- special files --------------------------------------------------------------------------------------------
+
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(path: Path) -> str | None:
+    """What a path is when it is neither a regular file nor a folder ("a FIFO", "a socket", ...); None when it is
+    one of those, or does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), None)
+
+
+def check_input(path: Path) -> None:
+    """Refuse an input that is a FIFO, socket or device before anything opens it (a FIFO would block forever)."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise InputError(f"{path}: is {kind}, not a regular file or folder; refusing to read it")
 
 
 # --- writing ---------------------------------------------------------------------------------------------------
+
+TMP_MARK = ".embcompress-tmp-"
+_TMP_RE = re.compile(r"^\..+" + re.escape(TMP_MARK) + r"(\d+)-[0-9a-f]+$")
+# errno values that mean "this cannot be written here", whatever the library that met them
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
+                          errno.EIO, errno.ENOTDIR, errno.EISDIR})
+_OS_ERROR_RE = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -341,14 +396,22 @@ def _same_path(a: Path, b: Path) -> bool:
         return False
 
 
+def _refuse_special(out: Path) -> None:
+    kind = special_kind(out)
+    if kind is not None:
+        raise OutputError(f"{out}: is {kind}; an output can only replace a regular file or folder")
+
+
 def check_output(out: Path, inputs: list[Path], *, force: bool = False) -> None:
-    """Refuse an output that is an input (or inside an input folder), that exists without ``force``, or whose
-    folder does not exist or cannot be written."""
+    """Refuse an output that is an input (or inside an input folder), that is a device, FIFO or socket, that
+    exists without ``force``, or whose folder does not exist or cannot be written. Stale temporaries of earlier,
+    killed runs beside it are removed."""
     for src in inputs:
         if _same_path(out, src):
             raise OutputError(f"{out}: the output would overwrite the input; choose another -o")
         if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
             raise OutputError(f"{out}: the output would be written inside the input folder {src}")
+    _refuse_special(out)
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists; use --force to replace it")
     parent = out.resolve().parent
@@ -356,77 +419,257 @@ def check_output(out: Path, inputs: list[Path], *, force: bool = False) -> None:
         raise OutputError(f"{parent}: output folder does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent}: output folder is not writable")
+    remove_stale_temporaries(parent)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def temporary_name(out: Path) -> Path:
+    """A fresh name beside ``out`` that says what it is: ``.NAME.embcompress-tmp-PID-RANDOM`` (the pid lets a
+    later run tell a temporary of a killed run from one still being written)."""
+    return out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """True when the process now holding ``pid`` started after ``when`` (the pid was reused); False if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(ln.split()[1]) for ln in Path("/proc/stat").read_text().splitlines()
+                    if ln.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK") > when + 1.0
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+
+
+def _is_stale(path: Path, pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    try:
+        return _started_after(pid, path.lstat().st_mtime)
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries of our naming in ``folder`` whose creating process is gone (killed mid-write);
+    return what was removed. Temporaries of live processes stay."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TMP_RE.match(entry.name)
+        if match and _is_stale(Path(entry.path), int(match.group(1))):
+            _remove(Path(entry.path))
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _write_errno(exc: BaseException) -> tuple[int, str] | None:
+    """(errno, strerror) of the cannot-write OS error behind ``exc`` (its chain searched, and the 'os error N' a
+    library's message carries), or None when ``exc`` is something else."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e.errno, e.strerror or os.strerror(e.errno)
+        if isinstance(e, (RuntimeError, OSError, SafetensorError)):
+            for m in _OS_ERROR_RE.finditer(str(e)):
+                code = int(m.group(1) or m.group(2))
+                if code in WRITE_ERRNOS:
+                    return code, os.strerror(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def cannot_write(out: Path, exc: BaseException) -> OutputError | None:
+    """The ``OutputError`` (exit 3, naming ``out``) for a write that failed for want of space, quota, permission
+    or a writable file system; None when ``exc`` is not such a failure."""
+    if isinstance(exc, OutputError):
+        return exc
+    found = _write_errno(exc)
+    return None if found is None else OutputError(f"{out}: cannot write ({found[1]})")
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a file, or every file and folder of a folder, to the disk before it is renamed into place."""
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                _fsync(Path(root) / name, os.O_RDONLY)
+            _fsync(Path(root), os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        _fsync(path, os.O_RDONLY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):  # some file systems cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2``); False where that is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd = -100
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target``; an existing folder (or a file replaced by a folder) is swapped out
+    atomically where the system allows, then removed, so no moment leaves ``target`` missing."""
+    if target.is_dir() or (tmp.is_dir() and target.exists()):
+        if _exchange(tmp, target):
+            _remove(tmp)  # now holds the old output
+            return
+        old = temporary_name(target)
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        _remove(old)
+        return
+    os.replace(tmp, target)
 
 
 @contextlib.contextmanager
 def atomic_path(out: Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success rename it onto ``out``, on failure remove it.
-
-    For a folder that already exists (the caller checked ``force``), the old folder is moved aside first and
-    removed only after the new one is in place, so a failure never leaves neither.
-    """
-    parent = out.resolve().parent
+    """Yield a temporary path beside ``out`` (``.NAME.embcompress-tmp-PID-RANDOM``, a file or a folder) for the
+    caller, or any library, to write into; on success flush it to disk and rename it onto ``out``; on any failure
+    or interrupt remove it, leaving ``out`` as it was. A failure for want of space, quota or permission becomes
+    an ``OutputError`` (exit 3) naming ``out``. A file output never replaces a folder, and nothing replaces a
+    device, FIFO or socket."""
+    out = Path(out)
+    parent = out.parent.resolve()
+    target = parent / out.name
+    _refuse_special(target)
+    if not directory and target.is_dir():
+        raise OutputError(f"{out}: is a folder; give a file name for this output")
+    remove_stale_temporaries(parent)
+    tmp = temporary_name(target)
     try:
         if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+            os.mkdir(tmp, 0o777)
         else:
-            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-            os.close(fd)
-            tmp = Path(name)
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as e:
-        raise OutputError(f"{parent}: cannot write there ({_one_line(e)})") from None
+        raise OutputError(f"{parent}: cannot write there ({e.strerror or e})") from None
     try:
         yield tmp
-        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp makes 0600; give the usual mode
-        if directory and out.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
-            old.rmdir()
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if directory and out.exists():
-                out.unlink()
-            os.replace(tmp, out)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _fsync_tree(tmp)
+        _refuse_special(target)
+        _put_in_place(tmp, target)
+        with contextlib.suppress(OSError):
+            _fsync(parent, os.O_RDONLY | os.O_DIRECTORY)
+    except BaseException as e:
+        _remove(tmp)
+        failure = cannot_write(out, e)
+        if failure is not None and failure is not e:
+            raise failure from None
         raise
 
 
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Clone tensors that share memory with an earlier one (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    clean = {}
-    for k, v in tensors.items():
-        ptr = v.untyped_storage().data_ptr()
-        clean[k] = v.clone() if ptr in seen and v.numel() else v.contiguous()
-        seen.add(ptr)
-    return clean
+@contextlib.contextmanager
+def temporary_folder(near: Path) -> Iterator[Path]:
+    """A scratch folder beside ``near`` (named as ``atomic_path`` names its temporaries, so a killed run's is
+    removed by the next), removed when the block ends; a write failure in it becomes an ``OutputError`` naming
+    ``near``."""
+    near = Path(near)
+    tmp = temporary_name(near.parent.resolve() / near.name)
+    try:
+        os.mkdir(tmp, 0o700)
+    except OSError as e:
+        raise OutputError(f"{tmp.parent}: cannot write there ({e.strerror or e})") from None
+    try:
+        yield tmp
+    except BaseException as e:
+        failure = cannot_write(near, e)
+        if failure is not None and failure is not e:
+            raise failure from None
+        raise
+    finally:
+        _remove(tmp)
+
+
+def save_text(text: str, out: Path) -> None:
+    """Write a text file (UTF-8) atomically."""
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def save_torch(obj: Any, out: Path) -> None:
+    """``torch.save`` into a temporary beside ``out``, then rename (through a file object, so a full disk
+    reports its OS error rather than a C++ assertion)."""
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def _tensor_bytes(t: torch.Tensor) -> Any:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
-    try:
-        save_file(_unshared(tensors), str(file), metadata=metadata)
-        os.chmod(file, 0o666 & ~_umask())  # safetensors writes 0600; inside a folder nothing else fixes the mode
-        with open(file, "rb") as fh:
-            os.fsync(fh.fileno())
-    except OSError as e:
-        raise OutputError(f"{file}: write failed ({_one_line(e)})") from None
+    """Write the safetensors format ourselves into ``file`` (the safetensors library writes through a temporary
+    of its own, named after nothing, which a kill would leave behind)."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_NAMES:
+            raise InputError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in a safetensors file")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in order:
+            fh.write(_tensor_bytes(tensors[name]))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def save_safetensors(
     tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write a safetensors file atomically."""
+    """Write a safetensors file atomically (or into a folder being written atomically)."""
     with atomic_path(out) as tmp:
         _write_safetensors(tensors, tmp, metadata or {})
 
@@ -447,7 +690,6 @@ def save_checkpoint(
     with atomic_path(out, directory=True) as tmp:
         copy_folder_files(like.path, tmp, skip={f.name for f in like.files})
         _write_safetensors(tensors, tmp / "model.safetensors", meta)
-
 
 def copy_folder_files(src: Path, dst: Path, skip: set[str] | None = None) -> None:
     """Copy a model folder's files other than its weights (config, tokenizer, pooling ...) into ``dst``; names in

@@ -23,6 +23,7 @@ from typing import BinaryIO
 import torch
 from torch.utils.data import Dataset
 
+from .checkpoint import special_kind
 from .errors import DataError, InputError
 
 PAD = "<pad>"
@@ -51,6 +52,9 @@ def _open_binary(path: Path, what: str) -> BinaryIO:
     """Open a data file for reading, turning OS errors into ``DataError`` naming it."""
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not {what}")
+    kind = special_kind(path)
+    if kind is not None:  # a FIFO would block the read forever, a device would never end
+        raise DataError(f"{path}: is {kind}, not {what}; refusing to read it")
     try:
         return open(path, "rb")
     except FileNotFoundError:
@@ -69,14 +73,26 @@ def _decoded_lines(handle: BinaryIO, path: Path) -> Iterator[tuple[int, str]]:
         yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
 
 
+def _type_word(label: Label) -> str:
+    return "a string" if isinstance(label, str) else "an integer"
+
+
+def _mixed_labels(first: Example, conflict: Example) -> str:
+    return (f"{conflict.source}: label {conflict.label!r} is {_type_word(conflict.label)}, but {first.source} has "
+            f"label {first.label!r}, {_type_word(first.label)}; the labels of a file must be all integers or all "
+            "strings (0 and \"0\" would be two classes)")
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
     """Read ``{"text": str, "label": int|str}`` objects, one per line; blank lines are skipped, extra keys ignored.
 
-    Raises ``DataError`` naming the file and 1-based line for bad JSON, a non-object, a missing key or a value of
-    the wrong type, and naming the file when it is missing, unreadable, not UTF-8 or holds no example.
+    Raises ``DataError`` naming the file and 1-based line for bad JSON (nested too deeply included), a non-object,
+    a missing key, a value of the wrong type or a label whose type differs from an earlier line's (``0`` and
+    ``"0"``), and naming the file when it is missing, not a regular file, unreadable, not UTF-8 or holds no example.
     """
     path = Path(path)
     examples: list[Example] = []
+    first_of_type: dict[type, Example] = {}
     with _open_binary(path, "a JSON Lines file") as handle:
         for lineno, line in _decoded_lines(handle, path):
             if not line.strip():
@@ -86,6 +102,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply to read") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object with 'text' and 'label', got {type(obj).__name__}")
             for key in ("text", "label"):
@@ -96,7 +114,12 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
             if not _is_label(label):
                 raise DataError(f"{where}: 'label' must be an integer or a string, got {type(label).__name__}")
-            examples.append(Example(text, label, where))
+            example = Example(text, label, where)
+            other = next((ex for t, ex in first_of_type.items() if t is not type(label)), None)
+            if other is not None:
+                raise DataError(_mixed_labels(other, example))
+            first_of_type.setdefault(type(label), example)
+            examples.append(example)
     if not examples:
         raise DataError(f"{path}: holds no examples (an empty file or only blank lines)")
     return examples
@@ -218,7 +241,8 @@ class LabelSet:
     """The ordered class labels of the training data; class index i is ``labels[i]``.
 
     Sorted so that the order does not depend on the file's order: integers numerically (so 0/1 labels keep their
-    meaning as indices), strings alphabetically, integers before strings if a file mixes them.
+    meaning as indices), strings alphabetically. Integers and strings are never mixed (``0`` and ``"0"`` would be two
+    classes the user meant as one).
     """
 
     def __init__(self, labels: Sequence[Label]) -> None:
@@ -234,13 +258,21 @@ class LabelSet:
 
     @classmethod
     def build(cls, labels: Iterable[Label]) -> LabelSet:
-        """The distinct labels, sorted deterministically."""
+        """The distinct labels, sorted deterministically; integers and strings mixed are refused."""
         distinct = set(labels)
+        if len({isinstance(x, str) for x in distinct}) > 1:
+            raise InputError(f"labels mix integers and strings ({sorted(map(repr, distinct))[:6]}); use one type")
         return cls(sorted(distinct, key=lambda x: (isinstance(x, str), x)))
 
     @classmethod
     def from_examples(cls, examples: Iterable[Example]) -> LabelSet:
-        """The labels that occur in ``examples`` (the training split)."""
+        """The labels that occur in ``examples`` (the training split); a mix of integer and string labels raises
+        ``DataError`` naming the first example whose type differs from an earlier one's."""
+        examples = list(examples)
+        first = examples[0] if examples else None
+        for ex in examples:
+            if first is not None and isinstance(ex.label, str) != isinstance(first.label, str):
+                raise DataError(_mixed_labels(first, ex))
         return cls.build(ex.label for ex in examples)
 
     def index(self, label: Label, where: str | None = None) -> int:

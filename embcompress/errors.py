@@ -33,9 +33,17 @@ class TableError(InputError):
 
 
 class OutputError(EmbcompressError):
-    """An output cannot be written: it exists (without --force), equals an input, or its folder is unwritable."""
+    """An output cannot be written: it exists (without --force), equals an input, is a device, FIFO or socket, its
+    folder is unwritable, or the disk, quota or file system refused the write."""
 
     exit_code = 3
+
+
+class Interrupted(EmbcompressError):
+    """Ctrl-C (or SIGTERM) stopped a command; the message says what was kept ("interrupted after epoch 2; resume
+    with --resume") or that nothing was written."""
+
+    exit_code = 130
 
 
 class DependencyError(EmbcompressError):

@@ -5,21 +5,28 @@ the command, its options, its inputs and outputs (path and sha256) and the figur
 that omits an argument (``embcompress finetune --data train.jsonl`` with no model) takes it from the record, says
 so, and an explicit argument always wins. The record doubles as provenance: what was done to this model, by which
 command. ``EMBCOMPRESS_WORKSPACE`` names another record file, or ``off`` to keep none.
+
+A command checks that the record is readable and writable (``check_record``) before it writes any output, and adds
+its entry only after the output is in place: under an exclusive lock on the record's folder, it reads the record
+again, appends, and replaces the file atomically, so two commands finishing at once both keep their entries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import atomic_path
-from .errors import InputError
+from .checkpoint import check_input, save_text
+from .errors import InputError, OutputError
 
 RECORD_NAME = "embcompress-workspace.json"
 ENV_VAR = "EMBCOMPRESS_WORKSPACE"
@@ -65,16 +72,47 @@ def _rel(path: Path, base: Path) -> str:
 def load_record(path: Path | None = None) -> list[dict[str, Any]]:
     """All entries of the record (empty when there is none)."""
     path = path or record_path()
-    if path is None or not path.is_file():
+    if path is None or not path.exists():
         return []
+    check_input(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         entries = data["entries"]
         if not isinstance(entries, list):
             raise TypeError
         return entries
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
         raise InputError(f"{path}: the workspace record is unreadable; move it aside to start a new one") from None
+
+
+def check_record() -> None:
+    """Refuse, before a command writes any output, a record it could not update afterwards: unreadable, or in a
+    folder (or a file) that cannot be written. Nothing is written when recording is off."""
+    path = record_path()
+    if path is None:
+        return
+    load_record(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: the workspace record's folder does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"{path}: the workspace record cannot be written; fix its permissions or set "
+                          f"{ENV_VAR}=off")
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the record's folder for the read-merge-write of one entry (no lock file left)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield  # a folder we cannot open for locking is still written atomically
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def record(
@@ -85,29 +123,32 @@ def record(
     outputs: list[tuple[str, Path]],
     figures: dict[str, Any] | None = None,
 ) -> Path | None:
-    """Append one entry to the record (atomically); return the record's path, or None when recording is off."""
+    """Append one entry to the record; return the record's path, or None when recording is off.
+
+    Call it after the outputs are in place. Under a lock on the record's folder the record is read again, the entry
+    appended and the file replaced atomically, so entries of commands that finish at the same time all stay.
+    """
     path = record_path()
     if path is None:
         return None
     base = path.parent
-    entries = load_record(path)
 
     def art(role: str, p: Path) -> dict[str, Any]:
         return {"role": role, "path": _rel(p, base), "sha256": sha256_of(p) if p.exists() else None}
 
-    entries.append(
-        {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "tool": f"embcompress {__version__}",
-            "command": command,
-            "options": options,
-            "inputs": [art(r, p) for r, p in inputs],
-            "outputs": [art(r, p) for r, p in outputs],
-            "figures": figures or {},
-        }
-    )
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=1, default=str), encoding="utf-8")
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tool": f"embcompress {__version__}",
+        "command": command,
+        "options": options,
+        "inputs": [art(r, p) for r, p in inputs],
+        "outputs": [art(r, p) for r, p in outputs],
+        "figures": figures or {},
+    }
+    with _locked(base):
+        entries = load_record(path)
+        entries.append(entry)
+        save_text(json.dumps({"version": 1, "entries": entries}, indent=1, default=str), path)
     return path
 
 

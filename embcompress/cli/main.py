@@ -7,7 +7,7 @@ import sys
 import typer
 
 from . import compare, evaluate, export, factorize, finetune, history, inspect, quantize, train, trim
-from ._errors import exit_code_for
+from ._errors import exit_code_for, prepare
 
 app = typer.Typer(
     name="embcompress",
@@ -26,6 +26,7 @@ for module in (inspect, factorize, quantize, trim, train, finetune, evaluate, ex
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:
+        prepare()
         app(args=argv, prog_name="embcompress")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
