@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import check_finite_tensors
 from .classifier import load_classifier
 from .data import collate, read_jsonl
 from .errors import DependencyError, InputError
@@ -159,13 +160,17 @@ def compare(
     base = load_classifier(src)
     if base.is_factorized:
         raise InputError(f"{src}: already factorized; compare starts from the uncompressed classifier")
+    check_finite_tensors(base.model.state_dict().items(), action="compare it")
     needs_training = bool({"offline", "groupreduce"} & set(baselines)) or any(r not in reuse for r in reductions)
     if needs_training and train is None:
         raise InputError("compare needs --train (training examples) for the proposed and offline rows")
+    test_ds = base.encode(read_jsonl(data))  # every input is read and checked before the work folder exists
+    for extra in (train, dev):
+        if extra is not None:
+            base.encode(read_jsonl(extra))
     work = Path(work_dir) if work_dir is not None else src.with_name(src.name.removesuffix(src.suffix) + ".compare")
     work.mkdir(parents=True, exist_ok=True)
     dev_device = resolve_device(device)
-    test_ds = base.encode(read_jsonl(data))
     train_cfg = base.train or {}
     train_epochs = int(train_cfg.get("epochs") or TrainConfig.epochs)
     batches = _latency_batches(src, data, LATENCY_BATCHES) if latency else {}

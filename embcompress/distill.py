@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hf
-from .checkpoint import check_output
+from .checkpoint import check_finite_tensors, check_output
 from .device import resolve_device
 from .errors import InputError
 from .modules import FactorizedEmbedding, GroupedFactorizedEmbedding
@@ -474,6 +474,8 @@ def distill(
     dev_texts = hf.read_texts(dev, limit=dev_limit) if dev else None
     student = hf.load(src, task="base")
     teacher = hf.load(tea, task="base")
+    check_finite_tensors(student.named_parameters(), action="fine-tune it")
+    check_finite_tensors(teacher.named_parameters(), action="distil toward it")
     _check_pair(student, teacher, src, tea)
     tokenizer = hf.load_tokenizer(src)
     device = resolve_device(config.device)
@@ -580,6 +582,8 @@ def similarity_to(
     dev = resolve_device(device)
     model = hf.load(src, task="base", device=dev)
     original = hf.load(orig, task="base", device=dev)
+    check_finite_tensors(model.named_parameters(), action="score it")
+    check_finite_tensors(original.named_parameters(), action="compare with it")
     _check_pair(model, original, src, orig)
     tokenizer = hf.load_tokenizer(src)
     sim = hf.similarity(model, original, tokenizer, texts, batch_size=batch_size, max_length=max_length)
@@ -666,6 +670,7 @@ def finetune_labelled(
     torch.manual_seed(seed)
     model = hf.load(src, task="sequence-classification", num_labels=len(labels),
                     id2label={i: str(x) for i, x in enumerate(labels.labels)}, device=dev_dev)
+    check_finite_tensors(model.named_parameters(), action="fine-tune it")
     tokenizer = hf.load_tokenizer(src)
     score = (lambda: _accuracy(model, tokenizer, dev_texts, dev_targets, batch_size=64, max_length=max_length,
                                device=dev_dev)) if dev_texts else None
@@ -725,6 +730,7 @@ def evaluate_labelled(
     src = Path(model_path)
     dev = resolve_device(device)
     model = hf.load(src, device=dev)
+    check_finite_tensors(model.named_parameters(), action="score it")
     id2label = getattr(model.config, "id2label", None) or {}
     if not hasattr(model, "classifier") and "SequenceClassification" not in type(model).__name__:
         raise InputError(f"{src}: not a sequence classifier (fine-tune it with labels first)")

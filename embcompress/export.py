@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, runtime
-from .checkpoint import atomic_path, check_output
+from .checkpoint import atomic_path, check_finite_tensors, check_output, temporary_folder
 from .classifier import Classifier, load_classifier
 from .data import PAD_ID, UNK_ID, _decoded_lines, _open_binary, collate, tokenize
 from .errors import DataError, DependencyError, EmbcompressError, InputError, OutputError
@@ -558,6 +557,7 @@ def export_onnx(
         raise OutputError(f"{out}: is a folder; give a file name such as model.onnx")
     say("loading the classifier")
     clf = load_classifier(src)
+    check_finite_tensors(clf.model.state_dict().items(), action="export it")
     clf.model.eval().float()
     texts = read_texts(data) if data is not None else None
     batches, source = parity_batches(clf, texts)
@@ -570,8 +570,7 @@ def export_onnx(
     rank = emb.rank if isinstance(emb, FACTORIZED) else None
     notes: list[str] = []
 
-    with tempfile.TemporaryDirectory(prefix="embcompress-export-") as tmp_name:
-        work = Path(tmp_name)
+    with temporary_folder(out) as work:
         fp32 = work / "fp32.onnx"
         say("exporting the float32 graph")
         write_fp32_graph(wrapper, fp32, opset)

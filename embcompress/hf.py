@@ -46,10 +46,12 @@ from .checkpoint import (
     FORMAT_VERSION,
     META_KEY,
     atomic_path,
+    check_finite_tensors,
     check_output,
     copy_folder_files,
     load_checkpoint,
     save_safetensors,
+    temporary_folder,
 )
 from .errors import CheckpointError, DataError, DependencyError, InputError, TableError
 from .factorize import COUNTED_METHODS, METHODS, groups_name
@@ -766,12 +768,12 @@ def export_onnx(
     check_output(out, [src], force=force)
     ort = runtime.import_onnxruntime()
     model = load(src, task="base")
+    check_finite_tensors(model.named_parameters(), action="export it")
     tokenizer = load_tokenizer(src)
     graph = _EncoderGraph(model).eval()
     example = tokenize(tokenizer, ["embcompress export", "a longer second example sentence"], max_length)
-    import tempfile
 
-    with atomic_path(out) as tmp, tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".onnx-") as work:
+    with atomic_path(out) as tmp, temporary_folder(out) as work:
         fp32 = Path(work) / "fp32.onnx"
         with _quiet_export(), torch.no_grad():
             torch.onnx.export(

@@ -37,6 +37,7 @@ from .checkpoint import (
     META_KEY,
     Checkpoint,
     atomic_path,
+    check_finite,
     copy_folder_files,
     check_output,
     default_output,
@@ -541,6 +542,7 @@ def trim(
         trimmed: list[TrimmedTensor] = []
         for name in ckpt.names:
             t = ckpt.tensor(name)
+            check_finite(name, t, what="tensor", action="trim it")
             if name in cut:
                 role, axis = cut[name]
                 t = t.index_select(axis, index).contiguous()

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from .. import workspace
-from ..checkpoint import atomic_path
+from ..checkpoint import atomic_path, check_output, save_text
 from ..compare import compare as run_compare
-from ..errors import InputError
+from ..errors import InputError, Interrupted
 from ..compare import parse_baselines, parse_reductions, plot, to_csv, to_markdown
 from ._options import DeviceOpt, DevOpt, JsonOpt
 from ._progress import spinner
@@ -27,8 +27,7 @@ EXAMPLES = """Examples:
 
 
 def _write(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    save_text(text, path)
 
 
 def compare(
@@ -63,6 +62,7 @@ def compare(
     """Compare the uncompressed classifier with quant16, quant8, svd (factorized, not retrained), the proposed
     method (factorized, then fine-tuned with CALR) and offline compression (trained low-rank from the start):
     size on disk, accuracy, relative change, and onnxruntime latency at batch 1 and 64."""
+    workspace.check_record()  # before any output: the entry must be writable afterwards
     taken = []
     if model is None:
         model, _ = workspace.take(None, "model", what="model", commands=("factorize",), side="inputs")
@@ -82,11 +82,17 @@ def compare(
     reuse = workspace.finetuned_by_reduction(model)
     if taken and not json:
         err_console.print("from the workspace record: " + ", ".join(taken))
+    for path in (csv, markdown, plot_path):  # refused now, not after the rows are built
+        if path is not None:
+            check_output(path, [model, data], force=True)
     with spinner("comparing", not json) as say:
-        result = run_compare(model, data=data, train=train, dev=dev, baselines=parse_baselines(baselines),
-                             reductions=parse_reductions(reductions), finetune_epochs=finetune_epochs,
-                             finetune_lr=finetune_lr, reuse=reuse, latency=not no_latency, repeats=repeats,
-                             device=device, progress=say)
+        try:
+            result = run_compare(model, data=data, train=train, dev=dev, baselines=parse_baselines(baselines),
+                                 reductions=parse_reductions(reductions), finetune_epochs=finetune_epochs,
+                                 finetune_lr=finetune_lr, reuse=reuse, latency=not no_latency, repeats=repeats,
+                                 device=device, progress=say)
+        except Interrupted:  # a fine-tuning row's "resume with --resume" does not apply to compare
+            raise KeyboardInterrupt from None
     outputs = []
     if csv:
         _write(csv, to_csv(result))

@@ -44,6 +44,7 @@ def evaluate(
         show_default=False)] = None,
 ) -> None:
     """Score a classifier: accuracy, macro-F1, precision/recall/F1 per class, and examples per second."""
+    workspace.check_record()  # before any output: the entry must be writable afterwards
     model, recorded = workspace.take(model, "model", what="model")
     if recorded and not json:
         err_console.print(f"using {model} (the last model in the workspace record)")

@@ -57,6 +57,7 @@ def export(
     A Hugging Face encoder folder (the [hf] extra) becomes input_ids, attention_mask -> last_hidden_state,
     sentence_embedding (float32, or --quantize int8), checked against torch, with the latency of one sentence.
     """
+    workspace.check_record()  # before any output: the entry must be writable afterwards
     model, recorded = workspace.take(model, "model", what="model")
     if recorded and not json:
         err_console.print(f"using {model} (the last model in the workspace record)")

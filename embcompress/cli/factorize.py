@@ -85,6 +85,7 @@ def factorize(
     model's own tokenizer); --method groupreduce splits the vocabulary into --blocks blocks with their own
     factors, frequent blocks getting more rank under the same parameter budget.
     """
+    workspace.check_record()  # before any output: the entry must be writable afterwards
     if max_drop is not None:
         _budget(path, max_drop, dev, data, finetune_epochs, output, force, device, json,
                 others=(reduction, rank, energy))

@@ -91,6 +91,7 @@ def finetune(
 
     Factorized tables keep their shapes, so the model stays small. Prints dev accuracy before and after.
     """
+    workspace.check_record()  # before any output: the entry must be writable afterwards
     taken = []
     if model is None:
         model, _ = workspace.take(None, "model", what="model", commands=("factorize",))

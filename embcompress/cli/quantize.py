@@ -54,6 +54,7 @@ def quantize(
     metadata ('embcompress.quant') records each quantized tensor, so `evaluate`, `finetune` and `export`
     dequantize it on load. Factorize first, then quantize: the factors are quantized too.
     """
+    workspace.check_record()  # before any output: the entry must be writable afterwards
     nbits = _bits(bits)
     with spinner("reading checkpoint", not json) as say:
         result = quantize_checkpoint(path, nbits, output, force, tables=split_list(tables), progress=say)

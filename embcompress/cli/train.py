@@ -67,6 +67,7 @@ def train(
 ) -> None:
     """Train a DAN or LSTM text classifier; the best epoch on --dev is kept. The output holds the weights,
     vocabulary, labels and history: finetune, evaluate and export need nothing else."""
+    workspace.check_record()  # before any output: the entry must be writable afterwards
     data, from_record = workspace.take(data, "train", what="--data", side="inputs")
     config = TrainConfig(epochs=epochs or TrainConfig.epochs, batch_size=batch_size, lr=lr or TrainConfig.lr,
                          optimizer=optimizer, schedule=schedule, weight_decay=weight_decay, seed=seed, device=device)

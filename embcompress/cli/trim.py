@@ -49,6 +49,7 @@ def trim(
     new tokenizer is checked on the corpus before anything is written: every text whose tokens were all kept
     gives the same tokens, so the model's outputs for it are identical. Trim first, then factorize or quantize.
     """
+    workspace.check_record()  # before any output: the entry must be writable afterwards
     with spinner("reading checkpoint", not json) as say:
         result = trim_checkpoint(path, corpus, output, keep_top=keep_top, min_count=min_count, force=force,
                                  progress=say)

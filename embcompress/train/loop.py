@@ -479,16 +479,21 @@ def fit(
             best = {"epoch": 0, "dev_accuracy": start_dev_accuracy, "weights": _to_cpu(model.state_dict())}
     else:
         _check_resume(state, signature)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] and scaler.is_enabled():  # a disabled scaler (CPU, bf16) saves and needs nothing
-            scaler.load_state_dict(state["scaler"])
-        rng = dict(state["rng"], python=_python_state(state["rng"]["python"]))
-        _set_rng_state(rng)
-        start_epoch = int(state["epoch"])
-        history = [EpochRecord(**record) for record in state["history"]]
-        best = dict(state["best"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"] and scaler.is_enabled():  # a disabled scaler (CPU, bf16) saves and needs nothing
+                scaler.load_state_dict(state["scaler"])
+            rng = dict(state["rng"], python=_python_state(state["rng"]["python"]))
+            _set_rng_state(rng)
+            start_epoch = int(state["epoch"])
+            history = [EpochRecord(**record) for record in state["history"]]
+            best = dict(state["best"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise InputError(f"the resume state is damaged ({type(e).__name__}: {first}); delete it to start over"
+                             ) from None
 
     train_model: nn.Module = model
     if distributed:

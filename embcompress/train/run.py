@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_path, check_output
+from ..checkpoint import check_finite_tensors, check_output, save_torch
 from ..classifier import Classifier, load_classifier, num_parameters, save_classifier
 from ..data import LabelSet, Vocab, load_vectors, read_jsonl
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, Interrupted
 from ..models import build_model, init_embedding
 from ..modules import compress_embeddings, factorized_shapes
 from .loop import EpochRecord, EvalResult, TrainConfig, evaluate, fit, is_main_process, resolve_device
@@ -66,18 +66,32 @@ def resume_path(output: Path) -> Path:
     return output.with_name(output.name + ".resume.pt")
 
 
+# field of a resume state -> the type it must have; anything else is a damaged or foreign file
+_RESUME_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "epoch": int, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "best": dict,
+    "history": list, "signature": dict,
+}
+
+
 def _load_resume(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"--resume: no saved state at {path} (it is written after each finished epoch)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable resume state ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a resume state (holds a {type(state).__name__})")
+    for key, kind in _RESUME_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "epoch" and value < 0):
+            raise CheckpointError(f"{path}: damaged resume state (field {key!r} is {value!r:.60}); delete it to "
+                                  "start over")
+    return state
 
 
 def _save_resume(state: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 
 def _fit_and_save(
@@ -106,18 +120,27 @@ def _fit_and_save(
     elif state:
         dev_before = state.get("dev_before")
 
+    saved = done
+
     def epoch_done(record: EpochRecord) -> None:
+        nonlocal saved
         if record.state is not None and is_main_process():
             _save_resume({**record.state, "dev_before": dev_before}, resume_path(output))
+            saved = record.epoch
         if on_epoch:
             on_epoch(record)
 
-    result = fit(clf.model, train_ds, dev_ds, config, on_step=on_step, on_epoch=epoch_done, state=state,
-                 start_dev_accuracy=dev_before if phase == "finetune" else None)
-    clf.history = clf.history + [{"phase": phase, **r.to_dict()} for r in result.history]
-    if is_main_process():
-        save_classifier(clf, output, inputs=inputs, force=force)
-        resume_path(output).unlink(missing_ok=True)
+    try:
+        result = fit(clf.model, train_ds, dev_ds, config, on_step=on_step, on_epoch=epoch_done, state=state,
+                     start_dev_accuracy=dev_before if phase == "finetune" else None)
+        clf.history = clf.history + [{"phase": phase, **r.to_dict()} for r in result.history]
+        if is_main_process():
+            save_classifier(clf, output, inputs=inputs, force=force)
+            resume_path(output).unlink(missing_ok=True)
+    except KeyboardInterrupt:
+        if saved and resume_path(output).is_file():
+            raise Interrupted(f"interrupted after epoch {saved}; resume with --resume") from None
+        raise Interrupted("interrupted; nothing written") from None
     return TrainReport(str(output), [r.to_dict() for r in result.history], result.best_epoch, dev_before,
                        result.best_dev_accuracy, num_parameters(clf.model), clf.is_factorized, result.device,
                        result.seconds, done, options)
@@ -201,6 +224,7 @@ def finetune_classifier(
     inputs = [src, train_path] + ([dev] if dev else [])
     check_output(out, inputs, force=force or resume)
     clf = load_classifier(src)
+    check_finite_tensors(clf.model.state_dict().items(), action="fine-tune it")
     options = {"model": str(src), "train": str(train_path), "dev": str(dev) if dev else None, **config.to_dict()}
     clf.train = {**clf.train, "finetune": options}
     return _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume, resume=resume,
@@ -216,6 +240,7 @@ def evaluate_classifier(
 ) -> EvalReport:
     """Accuracy, macro-F1, per-class metrics and examples per second of a classifier on a JSON Lines file."""
     clf = load_classifier(model_path)
+    check_finite_tensors(clf.model.state_dict().items(), action="score it")
     ds = clf.encode(read_jsonl(data_path))
     dev = resolve_device(device)
     result = evaluate(clf.model.to(dev), ds, dev, batch_size)
