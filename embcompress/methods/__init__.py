@@ -1,0 +1,41 @@
+"""Every way to store a table, in one registry: structures (how a table is shaped) and storages (how each of its
+tensors is kept). ``register`` adds one; ``get`` and ``registered`` read the registry (built-ins and the entry points
+of the group ``embcompress.methods``)."""
+
+from . import fp16, groupreduce, int8, svd, weighted
+from .base import (
+    STORAGE,
+    STRUCTURE,
+    BudgetError,
+    Config,
+    Context,
+    Method,
+    StoredTable,
+    Table,
+    TiedLinear,
+    get,
+    register,
+    registered,
+    unregister,
+)
+
+__all__ = [
+    "STORAGE",
+    "STRUCTURE",
+    "BudgetError",
+    "Config",
+    "Context",
+    "Method",
+    "StoredTable",
+    "Table",
+    "TiedLinear",
+    "fp16",
+    "get",
+    "groupreduce",
+    "int8",
+    "register",
+    "registered",
+    "svd",
+    "unregister",
+    "weighted",
+]
