@@ -8,16 +8,22 @@ SIGTERM). ``EMBCOMPRESS_DEBUG=1`` re-raises for a full traceback and lets librar
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import ParamSpec, TypeVar
 
 from ..checkpoint import remove_stale_temporaries
 from ..errors import EmbcompressError, Interrupted
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
@@ -50,6 +56,19 @@ def prepare() -> None:
     if not _debug():
         warnings.simplefilter("ignore")
     remove_stale_temporaries(Path.cwd())
+
+
+def interruptible(command: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a command so Ctrl-C inside it ends as one line and exit 130 (typer would exit 130 silently)."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted; nothing written") from None
+
+    return run
 
 
 def _from_json_decoder(exc: BaseException) -> bool:

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from . import compare, evaluate, export, factorize, finetune, history, inspect, quantize, train, trim
-from ._errors import exit_code_for, prepare
+from ._errors import exit_code_for, interruptible, prepare
 
 app = typer.Typer(
     name="embcompress",
@@ -20,7 +20,7 @@ app = typer.Typer(
 
 for module in (inspect, factorize, quantize, trim, train, finetune, evaluate, export, compare, history):
     name = module.__name__.rsplit(".", 1)[-1]
-    app.command(name=name, epilog=module.EXAMPLES)(getattr(module, name))
+    app.command(name=name, epilog=module.EXAMPLES)(interruptible(getattr(module, name)))
 
 
 def main(argv: list[str] | None = None) -> int:

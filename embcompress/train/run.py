@@ -90,6 +90,15 @@ def _load_resume(path: Path) -> dict[str, Any]:
     return state
 
 
+def _saved_epoch(path: Path) -> int:
+    """The epoch a resume state on disk continues from (0 when there is none or it cannot be read): what an
+    interrupted run tells the user to resume from."""
+    try:
+        return int(_load_resume(path)["epoch"]) if path.is_file() else 0
+    except InputError:
+        return 0
+
+
 def _save_resume(state: dict[str, Any], path: Path) -> None:
     save_torch(state, path)
 
@@ -120,13 +129,12 @@ def _fit_and_save(
     elif state:
         dev_before = state.get("dev_before")
 
-    saved = done
+    saving = [resume]  # whether the resume state on disk belongs to this run
 
     def epoch_done(record: EpochRecord) -> None:
-        nonlocal saved
         if record.state is not None and is_main_process():
+            saving[0] = True
             _save_resume({**record.state, "dev_before": dev_before}, resume_path(output))
-            saved = record.epoch
         if on_epoch:
             on_epoch(record)
 
@@ -138,8 +146,9 @@ def _fit_and_save(
             save_classifier(clf, output, inputs=inputs, force=force)
             resume_path(output).unlink(missing_ok=True)
     except KeyboardInterrupt:
-        if saved and resume_path(output).is_file():
-            raise Interrupted(f"interrupted after epoch {saved}; resume with --resume") from None
+        kept = _saved_epoch(resume_path(output)) if saving[0] and is_main_process() else 0
+        if kept:
+            raise Interrupted(f"interrupted after epoch {kept}; resume with --resume") from None
         raise Interrupted("interrupted; nothing written") from None
     return TrainReport(str(output), [r.to_dict() for r in result.history], result.best_epoch, dev_before,
                        result.best_dev_accuracy, num_parameters(clf.model), clf.is_factorized, result.device,
