@@ -5,7 +5,7 @@ The public API, one import away::
     from embcompress import load_checkpoint, find_embeddings, factorize, FactorizedEmbedding, compress_embeddings
 """
 
-__version__ = "0.1.0.dev0"
+from ._version import __version__
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import EmbcompressError

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import core
 from .checkpoint import META_KEY, check_output, load_checkpoint, save_safetensors
 from .data import EncodedDataset, Example, LabelSet, Vocab, encode_examples
 from .errors import CheckpointError
@@ -65,11 +66,15 @@ def load_classifier(path: str | os.PathLike[str]) -> Classifier:
             labels = LabelSet.from_dict(meta["labels"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: the '{MODEL_META_KEY}' metadata is damaged ({e})") from None
-        ranks = factor_specs({n: tuple(i.shape) for n, i in ckpt.infos.items()})
-        if ranks:
-            factorized_shapes(model, ranks)
         state = dequantized_state_dict(ckpt)  # a quantized file (embcompress quantize) loads as float
         factorization = ckpt.metadata.get(META_KEY)
+        entries = (ckpt.embcompress_meta or {}).get("tables") or {}
+        if any(core.is_v2_entry(e) for e in entries.values()):
+            core.attach(model, state, entries, str(path))
+        else:
+            ranks = factor_specs({n: tuple(i.shape) for n, i in ckpt.infos.items()})
+            if ranks:
+                factorized_shapes(model, ranks)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -96,10 +101,15 @@ def save_classifier(
             }
         ),
     }
-    if clf.factorization and clf.is_factorized:
-        meta[META_KEY] = clf.factorization
     model = getattr(clf.model, "module", clf.model)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    if any(isinstance(m, core.Table) for m in model.modules()) and core.is_registry_model(model):
+        state, entries = core.model_state(model)
+        previous = json.loads(clf.factorization) if clf.factorization else {}
+        meta[META_KEY] = json.dumps({**{k: v for k, v in previous.items() if k != "tables"},
+                                     "format_version": core.RECORD_VERSION, "tables": entries})
+    elif clf.factorization and clf.is_factorized:
+        meta[META_KEY] = clf.factorization
     save_safetensors(state, out, meta)
 
 

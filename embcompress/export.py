@@ -58,12 +58,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__, runtime
+from . import runtime
+from ._version import __version__
 from .checkpoint import atomic_path, check_finite_tensors, check_output, temporary_folder
 from .classifier import Classifier, load_classifier
 from .data import PAD_ID, UNK_ID, _decoded_lines, _open_binary, collate, tokenize
 from .errors import DataError, DependencyError, EmbcompressError, InputError, OutputError
 from .models import DAN, LSTMClassifier
+from .methods.base import Table
 from .modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding
 
 QUANTIZE_CHOICES = ("int8", "fp16")
@@ -155,9 +157,10 @@ def _fold_linear(linear: nn.Linear, proj: torch.Tensor) -> nn.Linear:
     return folded
 
 
-def _grouped_copy(emb: nn.Module) -> GroupedFactorizedEmbedding | None:
-    """A frozen copy of a GroupReduce table (its block-wise lookup is exported as it is), else None."""
-    if not isinstance(emb, GroupedFactorizedEmbedding):
+def _grouped_copy(emb: nn.Module) -> nn.Module | None:
+    """A frozen copy of a table whose own lookup is exported as it is (GroupReduce, any registry table other than
+    plain factors), else None."""
+    if not isinstance(emb, Table) or isinstance(emb, FactorizedEmbedding):
         return None
     return copy.deepcopy(emb).requires_grad_(False)
 
@@ -277,11 +280,15 @@ def export_module(model: nn.Module, *, fold: bool = True) -> tuple[nn.Module, st
     model = getattr(model, "module", model).eval()
     factorized = isinstance(model.embedding, FactorizedEmbedding)
     grouped = isinstance(model.embedding, GroupedFactorizedEmbedding)
+    other = isinstance(model.embedding, Table) and not (factorized or grouped)
     if isinstance(model, DAN):
         wrapper = DANExport(model, fold=fold)
         if grouped:
             what = (f"GroupReduce lookup ({len(model.embedding.ranks)} blocks: a gather and a k_c x d product per "
                     "block, masked), then the masked mean as one MatMul with the pad mask")
+        elif other:
+            what = (f"the table's own lookup ({type(model.embedding).__name__}), then the masked mean as one MatMul "
+                    "with the pad mask")
         elif not factorized:
             what = "masked mean of the d-dim rows as one MatMul with the pad mask (no factorization to exploit)"
         elif fold:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import (
     FORMAT_VERSION,
     META_KEY,
@@ -35,15 +35,13 @@ from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, MAX_BLOCKS, group_reduc
 from .modules import TiedFactorizedLinear, factor_specs, factorized_shapes
 from .quant import dequantized_state_dict, quant_meta
 from .rank import achieved_reduction, choose_rank
-from .svd import METHODS as SVD_METHODS
+from .record import COUNTED_METHODS, METHODS, factor_names, groups_name
 from .svd import factorize_matrix, factorize_weighted, spectrum
 from .tables import find_embeddings
 from .weighting import DEFAULT_SMOOTHING, Counts
 
 # exact and randomized are plain truncated SVDs; weighted is the frequency-weighted one and groupreduce the
 # block-wise one (both need token counts)
-METHODS: tuple[str, ...] = (*SVD_METHODS, "weighted", "groupreduce")
-COUNTED_METHODS = ("weighted", "groupreduce")
 
 
 @dataclass
@@ -104,16 +102,6 @@ def output_tag(reduction: float | None, rank: int | None, energy: float | None) 
     if rank is not None:
         return f"k{rank}"
     return f"e{round((energy or 0) * 100):g}"
-
-
-def factor_names(name: str) -> tuple[str, str]:
-    """The tensor names of a table's factors: ``<name>_a`` (V x k) and ``<name>_b`` (k x d)."""
-    return f"{name}_a", f"{name}_b"
-
-
-def groups_name(name: str) -> str:
-    """The tensor name of a GroupReduce table's row -> block map: ``<name>_groups`` (V, uint8)."""
-    return f"{name}_groups"
 
 
 def factorize(

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import (
     FORMAT_VERSION,
     META_KEY,
@@ -54,14 +54,15 @@ from .checkpoint import (
     temporary_folder,
 )
 from .errors import CheckpointError, DataError, DependencyError, InputError, TableError
-from .factorize import COUNTED_METHODS, METHODS, groups_name
+from . import core
+from .record import COUNTED_METHODS, METHODS, groups_name
 from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, group_reduce
 from .modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding, TiedFactorizedLinear
 from .quant import dequantized_state_dict
 from .rank import achieved_reduction, choose_rank
 from .svd import factorize_weighted
 from .tables import is_embedding_candidate
-from .weighting import DEFAULT_SMOOTHING, Counts
+from .methods.weighted import DEFAULT_SMOOTHING
 
 MISSING = "transformers is not installed: pip install 'embcompress[hf]' (transformers and tokenizers)"
 TASKS = ("auto", "base", "sequence-classification")
@@ -189,8 +190,10 @@ def load(
             meta = ckpt.embcompress_meta or {}
             tables = meta.get("tables") or {}
             state = dequantized_state_dict(ckpt)
-        factors: dict[str, FactorizedEmbedding | GroupedFactorizedEmbedding] = {}
+        factors: dict[str, nn.Module] = core.placeholder_state(state, tables, str(src))
         for name, entry in tables.items():
+            if name in factors:
+                continue
             factors[name] = _table_module(src, name, entry, state)
             with torch.no_grad():  # the dense table, replaced by the factors below
                 state[name] = factors[name].dense_weight()
@@ -253,42 +256,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def swap_table(model: nn.Module, name: str, new: FactorizedEmbedding | GroupedFactorizedEmbedding) -> list[str]:
-    """Put ``new`` in place of the ``nn.Embedding`` ``name`` and of every module sharing its weight.
-
-    An ``nn.Embedding`` sharing the weight (T5's ``encoder.embed_tokens``) becomes the same ``new`` module; an
-    ``nn.Linear`` sharing it (a tied output layer) becomes ``TiedFactorizedLinear(new, bias)``. Returns the names
-    of the modules that were tied to it. The padding index is taken from the old table.
-    """
-    old = model.get_submodule(name)
-    if isinstance(old, FACTORIZED):
-        raise InputError(f"{name!r} is already factorized")
-    if not isinstance(old, nn.Embedding):
-        raise InputError(f"{name!r} is a {type(old).__name__}, not an nn.Embedding")
-    new.padding_idx = old.padding_idx
-    weight = old.weight
-    tied = []
-    for mod_name, mod in list(model.named_modules(remove_duplicate=False)):
-        if mod_name == name or getattr(mod, "weight", None) is not weight:
-            continue
-        if isinstance(mod, nn.Embedding):
-            _set_module(model, mod_name, new)
-        elif isinstance(mod, nn.Linear):
-            _set_module(model, mod_name, TiedFactorizedLinear(new, mod.bias))
-        else:
-            continue
-        tied.append(mod_name)
-    for mod_name, mod in list(model.named_modules(remove_duplicate=False)):
-        if mod is old and mod_name != name:  # the same module under another name
-            _set_module(model, mod_name, new)
-            tied.append(mod_name)
-    _set_module(model, name, new)
-    # transformers would re-tie the output layer to ``<table>.weight``, which no longer exists
-    tied_keys = getattr(model, "all_tied_weights_keys", None)
-    if isinstance(tied_keys, dict):
-        for key in [k for k, v in tied_keys.items() if v == f"{name}.weight" or k == f"{name}.weight"]:
-            tied_keys.pop(key)
-    return tied
+def swap_table(model: nn.Module, name: str, new: nn.Module) -> list[str]:
+    """Put ``new`` in place of the ``nn.Embedding`` ``name`` and of every module sharing its weight (``core.swap``)."""
+    return core.swap(model, name, new)
 
 
 @dataclass
@@ -322,7 +292,7 @@ def factorize_model(
     rank: int | None = None,
     tables: list[str] | None = None,
     method: str = "exact",
-    counts: Counts | None = None,
+    counts: Any = None,  # weighting.Counts
     smoothing: float = DEFAULT_SMOOTHING,
     weight_power: float = 1.0,
     blocks: int = DEFAULT_BLOCKS,
@@ -416,6 +386,7 @@ def factorized_tables(model: nn.Module) -> dict[str, dict[str, Any]]:
 def _record_factorization(model: nn.Module, meta: dict[str, Any], prefix: str) -> None:
     """Keep the file's ``embcompress`` record on the model (``save`` carries it forward)."""
     model._embcompress_meta = meta  # noqa: SLF001 - a plain attribute on the loaded model
+    model._embcompress_tables = {n: e for n, e in (meta.get("tables") or {}).items() if core.is_v2_entry(e)}
     model._embcompress_prefix = prefix  # noqa: SLF001
 
 
@@ -519,7 +490,14 @@ def save(
     check_output(out, [p for p in [src, *(inputs or [])] if p is not None], force=force)
     state, tables = model_state(model)
     meta = {"format": "pt"}
-    if tables:
+    if core.is_registry_model(model):
+        state, entries = core.model_state(model)
+        previous = getattr(model, "_embcompress_meta", None) or {}
+        record = {**{k: v for k, v in previous.items() if k not in ("tables", "tool", "format_version", "file")},
+                  "format_version": core.RECORD_VERSION, "tool": f"embcompress {__version__}", "tables": entries,
+                  **(extra_meta or {})}
+        meta[META_KEY] = json.dumps(record)
+    elif tables:
         meta[META_KEY] = json.dumps(_metadata(model, tables, state, params_before, extra_meta))
     elif extra_meta:
         meta[HF_META_KEY] = json.dumps(extra_meta)

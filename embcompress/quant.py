@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import (
     META_KEY,
     Checkpoint,
@@ -52,7 +52,7 @@ from .checkpoint import (
     torch_dtype,
 )
 from .errors import CheckpointError, InputError, TableError
-from .tables import find_embeddings
+from .tables import find_embeddings, group_name
 
 QUANT_META_KEY = "embcompress.quant"
 QUANT_FORMAT_VERSION = 1
@@ -231,7 +231,6 @@ class QuantizedState:
 
 
 def _group_name(name: str) -> str:
-    from .summary import group_name  # summary imports this module
 
     return group_name(name)
 

@@ -18,7 +18,7 @@ from .errors import TableError
 from .quant import quant_meta, quantization_error
 from .rank import achieved_reduction, rank_for_reduction
 from .svd import spectrum
-from .tables import find_embeddings
+from .tables import find_embeddings, group_name
 
 DEFAULT_REDUCTIONS = (0.5, 0.7, 0.9)
 
@@ -76,15 +76,6 @@ class InspectReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def group_name(tensor_name: str) -> str:
-    """``encoder.layer.3.attention.self.query.weight`` -> ``encoder.layer.*``; ``embeddings.x`` -> ``embeddings``."""
-    parts = tensor_name.split(".")
-    for i, part in enumerate(parts):
-        if re.fullmatch(r"\d+", part):
-            return ".".join(parts[:i] + ["*"])
-    return parts[0] if len(parts) > 1 else tensor_name
 
 
 def inspect_checkpoint(

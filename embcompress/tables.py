@@ -219,3 +219,12 @@ def find_embeddings(ckpt: Checkpoint, tables: list[str] | None = None) -> list[E
     order = {name: i for i, name in enumerate(ckpt.infos)}
     chosen.sort(key=lambda t: order[t.name])
     return chosen
+
+
+def group_name(tensor_name: str) -> str:
+    """``encoder.layer.3.attention.self.query.weight`` -> ``encoder.layer.*``; ``embeddings.x`` -> ``embeddings``."""
+    parts = tensor_name.split(".")
+    for i, part in enumerate(parts):
+        if re.fullmatch(r"\d+", part):
+            return ".".join(parts[:i] + ["*"])
+    return parts[0] if len(parts) > 1 else tensor_name

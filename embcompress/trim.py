@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, hf
+from . import hf
+from ._version import __version__
 from .checkpoint import (
     META_KEY,
     Checkpoint,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import hf
 from .errors import CheckpointError, DataError, DependencyError, InputError
 
 DEFAULT_SMOOTHING = 1.0
@@ -136,7 +137,6 @@ def count_ids(ids: Sequence[Sequence[int]] | np.ndarray, rows: int, source: str)
 def count_corpus(model: str | os.PathLike[str], corpus: str | os.PathLike[str], rows: int) -> Counts:
     """Count the tokens of a corpus (``.txt`` one text a line, or ``.jsonl`` with ``text``) with the model's own
     tokenizer: an embcompress classifier's vocabulary, or a Hugging Face folder's tokenizer."""
-    from . import hf
     from .classifier import MODEL_META_KEY, load_classifier
     from .checkpoint import load_checkpoint
     from .data import tokenize
@@ -162,7 +162,6 @@ def count_corpus(model: str | os.PathLike[str], corpus: str | os.PathLike[str], 
 def vocabulary_of(model: str | os.PathLike[str]) -> list[str] | None:
     """The tokens of a model in id order, where the checkpoint carries them (embcompress classifiers, HF folders
     with a tokenizer); None otherwise."""
-    from . import hf
     from .classifier import MODEL_META_KEY, load_classifier
     from .checkpoint import load_checkpoint
 

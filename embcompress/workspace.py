@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import check_input, save_text
 from .errors import InputError, OutputError
 

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from . import compare, evaluate, export, factorize, finetune, history, inspect, quantize, train, trim
+from . import compare, compress, evaluate, export, factorize, finetune, history, inspect, methods, quantize, train, trim
 from ._errors import exit_code_for, interruptible, prepare
 
 app = typer.Typer(
@@ -18,7 +18,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-for module in (inspect, factorize, quantize, trim, train, finetune, evaluate, export, compare, history):
+for module in (inspect, compress, factorize, quantize, trim, train, finetune, evaluate, export, compare, methods,
+               history):
     name = module.__name__.rsplit(".", 1)[-1]
     app.command(name=name, epilog=module.EXAMPLES)(interruptible(getattr(module, name)))
 

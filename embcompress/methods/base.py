@@ -72,6 +72,11 @@ class Config:
         """The bytes a ``rows`` x ``dim`` table takes with these options (for planning, before encoding)."""
         raise NotImplementedError
 
+    def planned_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]] | None:
+        """The shapes of the float tensors a storage may keep (``storable``), when known before encoding; a
+        budget for structure+storage is checked against them."""
+        return None
+
 
 @dataclass
 class Context:

@@ -158,6 +158,9 @@ class SVDConfig(Config):
             raise InputError("the stored bytes of an SVD config are known from its rank")
         return 4 * self.rank * (rows + dim)
 
+    def planned_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]] | None:
+        return None if self.rank is None else {"weight_a": (rows, self.rank), "weight_b": (self.rank, dim)}
+
     @classmethod
     def for_budget(cls, rows: int, dim: int, budget: int, **options: Any) -> SVDConfig:
         k = budget // (4 * (rows + dim))

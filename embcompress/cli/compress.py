@@ -1,0 +1,135 @@
+"""``embcompress compress``: any registered method, or structure+storage, on a checkpoint's tables, by byte budget."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .. import workspace
+from ..errors import InputError
+from ..methods import get
+from ..ops.compress import compress as compress_checkpoint
+from ..core import parse_method
+from ._options import CheckpointArg, DeviceOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
+from ._progress import spinner
+from ._render import console, human_bytes, print_json, shape, table
+
+EXAMPLES = """Examples:
+
+  embcompress compress ./all-MiniLM-L6-v2 --method lowbit --budget 0.10        (bits and group size chosen)
+
+  embcompress compress ./all-MiniLM-L6-v2 --method lowbit --set bits=2 --set group_size=32
+
+  embcompress compress ./all-MiniLM-L6-v2 --method pq --budget 2MB -o ./minilm-pq
+
+  embcompress compress dan.safetensors --method svd+int8 --budget 0.05
+
+  embcompress compress dan.safetensors --method groupreduce --budget 0.1 --corpus train.jsonl --json
+
+  embcompress methods        (every registered method and its options)
+"""
+
+
+def _value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes"):
+        return True
+    if low in ("false", "no"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_options(method: str, pairs: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--set name=value`` pairs -> (structure options, storage options), by which config has the field."""
+    structure, storage = parse_method(method)
+    s_fields = {f.name for f in dataclasses.fields(structure.config)} if structure else set()
+    t_fields = {f.name for f in dataclasses.fields(storage.config)} if storage else set()
+    s_opts: dict[str, Any] = {}
+    t_opts: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, raw = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise InputError(f"--set takes name=value, got {pair!r}")
+        if name in s_fields:
+            s_opts[name] = _value(raw)
+        elif name in t_fields:
+            t_opts[name] = _value(raw)
+        else:
+            known = ", ".join(sorted(s_fields | t_fields)) or "none"
+            raise InputError(f"--set {name}: {method} has no such option (its options: {known})")
+    return s_opts, t_opts
+
+
+def compress(
+    path: CheckpointArg,
+    method: Annotated[str, typer.Option("--method", "-m", help="A registered structure or storage, or "
+                      "structure+storage (svd+int8); `embcompress methods` lists them.")],
+    budget: Annotated[str | None, typer.Option("--budget", "-b", help="Bytes for the tables: a fraction of their "
+                      "float32 bytes (0.05) or a size (2MB). The method picks its own parameters to fit.",
+                      show_default=False)] = None,
+    options: Annotated[list[str] | None, typer.Option("--set", help="A method option, name=value (repeatable): "
+                       "rank=64, bits=2, group_size=32, subvector=4, centroids=256 ...", show_default=False)] = None,
+    tables: TablesOpt = None,
+    counts: Annotated[Path | None, typer.Option("--counts", help="Token counts (one 'token count' or 'id count' "
+                      "a line) for methods that weight by frequency.", show_default=False)] = None,
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="Texts (.txt or .jsonl) whose tokens are counted "
+                      "with the model's tokenizer.", show_default=False)] = None,
+    output: OutputOpt = None,
+    force: ForceOpt = False,
+    device: DeviceOpt = "cpu",
+    json: JsonOpt = False,
+) -> None:
+    """Compress a checkpoint's embedding tables with any registered method, sized by a byte budget.
+
+    The output is the same kind as the input (a file, or a model folder with its config and tokenizer) and records
+    each table's structure, storage and options, so `evaluate`, `finetune` and `export` read it back. Without
+    `--budget`, the method's options (`--set`) or its defaults apply.
+    """
+    workspace.check_record()
+    s_opts, t_opts = split_options(method, options)
+    for part in method.split("+"):
+        if part.strip() and part.strip() != "dense":
+            get(part.strip())
+    with spinner("reading checkpoint", not json) as say:
+        result = compress_checkpoint(path, method, budget=budget, options=s_opts, storage_options=t_opts,
+                                     tables=split_list(tables), counts=counts, corpus=corpus, output=output,
+                                     force=force, device=device, progress=say)
+    workspace.record(
+        "compress",
+        options={"method": method, "budget": budget, "set": options or [], "tables": split_list(tables)},
+        inputs=[("model", path)],
+        outputs=[("model", Path(result.output))],
+        figures={"table_bytes_before": result.table_bytes_before, "table_bytes_after": result.table_bytes_after,
+                 "file_bytes_after": result.file_bytes_after},
+    )
+    if json:
+        print_json(result.to_dict())
+        return
+    console.print(table(
+        f"Compressed {result.input} -> {result.output} ({method})",
+        ["table", "shape", "method", "chosen", "float32", "stored", "fraction", "rel. error"],
+        [[t["name"], shape(t["shape"]), t["method"], _chosen(t), human_bytes(t["float32_bytes"]),
+          human_bytes(t["bytes"]), f"{t['fraction']:.4f}",
+          f"{t['info']['rel_error']:.4f}" if t["info"].get("rel_error") is not None else "-"] for t in result.tables],
+    ))
+    why = f"; budget {human_bytes(result.budget_bytes)}" if result.budget_bytes is not None else ""
+    console.print(f"tables {human_bytes(result.table_bytes_before)} -> {human_bytes(result.table_bytes_after)}"
+                  f"{why}; file {human_bytes(result.file_bytes_before)} -> {human_bytes(result.file_bytes_after)} "
+                  f"in {result.seconds:.1f} s")
+
+
+def _chosen(t: dict[str, Any]) -> str:
+    keep = {k: v for k, v in {**t["config"], **t["storage_config"]}.items()
+            if v is not None and k not in ("force", "seed", "iterations", "algorithm")}
+    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"

@@ -1,0 +1,1 @@
+"""File-level operations: load -> core -> save, one module per operation."""

@@ -1,0 +1,184 @@
+"""``compress``: any registered method (or structure+storage) on a checkpoint's tables, sized by a byte budget.
+
+Load the checkpoint's tensors, encode each chosen table with :mod:`embcompress.core`, write the same kind of
+checkpoint (a file, or a model folder with its config and tokenizer) with the versioned record in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import core
+from .._version import __version__
+from ..checkpoint import META_KEY, check_finite, check_output, default_output, load_checkpoint, save_checkpoint
+from ..errors import InputError
+from ..methods.base import BudgetError
+from ..quant import quant_meta
+from ..tables import find_embeddings
+from ..weighting import load_counts
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_budget(text: str | float | None, float32_bytes: int) -> int | None:
+    """``0.05`` (a fraction of the tables' float32 bytes, in (0, 1)) or ``2MB``/``500kB``/``123456`` (bytes) -> bytes.
+
+    Refused: a fraction outside (0, 1), a size at or above the tables' float32 bytes, anything else."""
+    if text is None:
+        return None
+    m = _SIZE.match(str(text))
+    if not m:
+        raise InputError(f"--budget is a fraction of the tables' float32 bytes (0.05) or a size (2MB), got {text!r}")
+    value, unit = float(m.group(1)), (m.group(2) or "").lower() or None
+    if unit is None and value < 1:
+        if not 0 < value < 1:
+            raise InputError(f"--budget as a fraction must be in (0, 1), got {text}")
+        return int(math.floor(value * float32_bytes))
+    if unit is None and "." in m.group(1):
+        raise InputError(f"--budget as a fraction must be in (0, 1), got {text}")
+    size = int(value * _UNITS[unit])
+    if size >= float32_bytes:
+        raise InputError(f"--budget {text} is at or above the tables' float32 bytes ({float32_bytes}); nothing to "
+                         "save")
+    if size <= 0:
+        raise InputError(f"--budget must be positive, got {text}")
+    return size
+
+
+@dataclass
+class CompressResult:
+    """What ``compress`` did."""
+
+    input: str
+    output: str
+    kind: str
+    method: str
+    budget_bytes: int | None
+    tables: list[dict[str, Any]]
+    file_bytes_before: int
+    file_bytes_after: int
+    seconds: float
+    chosen: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def table_bytes_before(self) -> int:
+        return sum(t["float32_bytes"] for t in self.tables)
+
+    @property
+    def table_bytes_after(self) -> int:
+        return sum(t["bytes"] for t in self.tables)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "table_bytes_before": self.table_bytes_before,
+                "table_bytes_after": self.table_bytes_after,
+                "table_fraction": self.table_bytes_after / max(1, self.table_bytes_before)}
+
+
+def output_tag(method: str, budget: int | None, float32_bytes: int, options: Mapping[str, Any]) -> str:
+    """The default output's tag: the method and what sizes it (``pq-b0.05``, ``lowbit-4b``, ``svd-k64``)."""
+    name = method.replace("+", "-")
+    if budget is not None:
+        return f"{name}-b{budget / float32_bytes:.3g}"
+    bits = options.get("bits")
+    rank = options.get("rank")
+    red = options.get("reduction")
+    extra = f"-{bits}b" if bits else f"-k{rank}" if rank else f"-r{round(100 * red)}" if red else ""
+    return f"{name}{extra}"
+
+
+def compress(
+    path: str | os.PathLike[str],
+    method: str,
+    *,
+    budget: str | float | None = None,
+    options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    tables: list[str] | None = None,
+    counts: str | os.PathLike[str] | None = None,
+    corpus: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> CompressResult:
+    """Compress the checkpoint's tables with ``method`` and write the result; every check runs before writing."""
+    start = time.perf_counter()
+    src = Path(path)
+    options, storage_options = dict(options or {}), dict(storage_options or {})
+    structure, storage = core.parse_method(method)
+    with load_checkpoint(src) as ckpt:
+        quantized = quant_meta(ckpt)
+        if quantized is not None:
+            raise InputError(f"{src}: the checkpoint is quantized ({quantized.get('bits')}-bit); compress the float "
+                             "model")
+        previous = ckpt.embcompress_meta or {}
+        if any(core.is_v2_entry(e) or e.get("factors") for e in (previous.get("tables") or {}).values()):
+            raise InputError(f"{src}: its tables are already compressed; compress the original model")
+        found = find_embeddings(ckpt, tables)
+        float32 = sum(4 * t.rows * t.cols for t in found)
+        budget_bytes = parse_budget(budget, float32)
+        needs = {n for m in (structure, storage) if m for n in m.needs}
+        row_counts = None
+        if "counts" in needs or counts is not None or corpus is not None:
+            got = load_counts(src, tables, counts, corpus)
+            if got is None:
+                raise InputError(f"--method {method} needs token counts (--counts FILE or --corpus TEXTS)")
+            row_counts = torch.from_numpy(got.counts).to(torch.float64)
+        specs = {}
+        for t in found:
+            share = None if budget_bytes is None else int(budget_bytes * (4 * t.rows * t.cols) / float32)
+            try:
+                specs[t.name] = (core.make_spec(method, options, storage_options) if share is None else
+                                 core.spec_for_budget(method, t.rows, t.cols, share, options, storage_options))
+            except BudgetError as e:
+                raise InputError(f"{t.name}: {e}") from None
+        tag = output_tag(method, budget_bytes, float32, {**options, **storage_options})
+        out = Path(output) if output is not None else default_output(src, tag)
+        check_output(out, [src], force=force)
+        tensors = {name: ckpt.tensor(name) for name in ckpt.names}
+        results = []
+        entries: dict[str, dict[str, Any]] = {}
+        for t in found:
+            check_finite(t.name, tensors[t.name], action="compress it")
+            if progress:
+                progress(f"{specs[t.name].name}: {t.name} ({t.rows} x {t.cols})")
+            t0 = time.perf_counter()
+            tensors, new = core.compress_state(tensors, specs[t.name], [t.name],
+                                               counts={t.name: row_counts} if row_counts is not None else None,
+                                               tied={t.name: list(t.tied)}, device=device)
+            entry = new[t.name]
+            entry["history"] = [{"op": "compress", "method": method, "tool": f"embcompress {__version__}",
+                                 "budget_bytes": None if budget_bytes is None else
+                                 int(budget_bytes * (4 * t.rows * t.cols) / float32)}]
+            entries[t.name] = entry
+            results.append({"name": t.name, "shape": [t.rows, t.cols], "method": specs[t.name].name,
+                            "config": entry["config"], "storage_config": entry["storage_config"],
+                            "float32_bytes": 4 * t.rows * t.cols, "bytes": entry["bytes"],
+                            "fraction": entry["bytes"] / (4 * t.rows * t.cols), "info": entry["info"],
+                            "tied": sorted(t.tied), "seconds": time.perf_counter() - t0})
+        record = record_for(previous, entries)
+        if progress:
+            progress(f"writing {out}")
+        save_checkpoint(tensors, out, like=ckpt, metadata={META_KEY: json.dumps(record)})
+        file_after = sum(f.stat().st_size for f in ([out] if out.is_file() else out.rglob("*.safetensors")))
+        return CompressResult(str(src), str(out), ckpt.kind, method, budget_bytes, results, ckpt.file_bytes,
+                              file_after, time.perf_counter() - start)
+
+
+def record_for(previous: Mapping[str, Any], entries: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The file's record: the previous one with these tables' entries (format 2) and the tool's version."""
+    tables = dict(previous.get("tables") or {})
+    tables.update(entries)
+    return {**{k: v for k, v in previous.items() if k not in ("tables", "tool", "format_version")},
+            "format_version": core.RECORD_VERSION, "tool": f"embcompress {__version__}", "tables": tables}

@@ -1,0 +1,101 @@
+"""The in-memory core: specs, compress_ on a live module, the file form of a table, and attach."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from embcompress import core
+from embcompress.errors import InputError
+from embcompress.methods import BudgetError, StoredTable, TiedLinear
+
+
+class TinyLM(nn.Module):
+    def __init__(self, V: int = 400, d: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, d, padding_idx=0)
+        self.pos = nn.Embedding(16, d)
+        self.head = nn.Linear(d, V)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids) + self.pos.weight[: ids.shape[1]])
+
+
+IDS = torch.randint(0, 400, (3, 9), generator=torch.Generator().manual_seed(1))
+COUNTS = torch.randint(0, 30, (400,), generator=torch.Generator().manual_seed(2)).double()
+
+
+@pytest.mark.parametrize("method,options", [("svd", {"rank": 8}), ("svd+int8", {"rank": 8}), ("int8", {}),
+                                            ("fp16", {}), ("groupreduce+fp16", {"rank": 8, "blocks": 3}),
+                                            ("weighted", {"rank": 6})])
+def test_compress_save_attach_round_trip(method: str, options: dict) -> None:
+    model = TinyLM()
+    done = core.compress_(model, core.make_spec(method, options), counts=COUNTS)
+    assert [d.name for d in done] == ["emb"]  # the position table (fewer rows than 2 d) is left alone
+    assert isinstance(model.head, TiedLinear) and model.head.tied_to is model.emb
+    assert done[0].bytes_after < done[0].bytes_before
+    with torch.no_grad():
+        out = model(IDS)
+    state, entries = core.model_state(model)
+    assert "head.weight" not in state and set(entries) == {"emb.weight"}
+    assert entries["emb.weight"]["bytes"] == done[0].bytes_after
+    fresh = TinyLM()
+    core.attach(fresh, state, entries)
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS), out)
+
+
+def test_stored_table_stays_packed_and_decodes_rows() -> None:
+    model = TinyLM()
+    core.compress_(model, "int8")
+    table = model.emb
+    assert isinstance(table, StoredTable) and table.weight.dtype == torch.int8
+    assert not list(table.parameters())  # nothing float32 of table size is held
+    rows = table(torch.tensor([3, 5]))
+    torch.testing.assert_close(rows, table.dense_weight()[[3, 5]])
+
+
+def test_storage_makes_memory_equal_file() -> None:
+    """With a storage on factors, the module in memory computes what the saved and reloaded one computes."""
+    model = TinyLM()
+    core.compress_(model, core.make_spec("svd+int8", {"rank": 8}))
+    W = model.emb.dense_weight().detach()
+    state, entries = core.model_state(model)
+    assert state["emb.weight_a"].dtype == torch.int8 and "emb.weight_a_scale" in state
+    rebuilt = core.table_from_tensors(entries["emb.weight"], {k[4:]: v for k, v in state.items()
+                                                              if k.startswith("emb.")})
+    torch.testing.assert_close(rebuilt.dense_weight(), W)
+
+
+def test_spec_for_budget_fits() -> None:
+    for method in ("svd", "svd+int8", "int8", "fp16"):
+        budget = int(0.55 * 4 * 1000 * 64)
+        spec = core.spec_for_budget(method, 1000, 64, budget)
+        table = core.encode_table(torch.randn(1000, 64), spec)
+        assert core.table_entry(table)["bytes"] <= budget, method
+    with pytest.raises(BudgetError):
+        core.spec_for_budget("int8", 1000, 64, int(0.2 * 4 * 1000 * 64))
+    with pytest.raises(BudgetError):
+        core.spec_for_budget("svd", 1000, 64, 4 * 1000 * 64)
+
+
+@pytest.mark.parametrize("text,match", [("nope", "unknown method"), ("int8+svd", "structure comes first"),
+                                        ("svd+int8+fp16", "structure, a storage"), ("dense", "changes nothing"),
+                                        ("int8+fp16", "one storage")])
+def test_bad_method_names(text: str, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        core.parse_method(text)
+
+
+def test_counted_method_without_counts_is_refused() -> None:
+    with pytest.raises(InputError, match="needs token counts"):
+        core.compress_(TinyLM(), core.make_spec("groupreduce", {"rank": 4}))
+
+
+def test_unknown_option_is_refused() -> None:
+    with pytest.raises(InputError, match="unknown option"):
+        core.make_spec("svd", {"rank": 4, "bits": 2})
