@@ -45,6 +45,24 @@ def test_pack_round_trip(bits: int) -> None:
         assert torch.equal(lb.unpack(lb.pack_padded(z, zb), zb, n), z)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_big_endian_fallback(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    codes = torch.randint(0, 1 << bits, (3, 32), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    fast = lb.pack(codes, bits)
+    monkeypatch.setattr(lb.sys, "byteorder", "big")
+    assert torch.equal(lb.pack(codes, bits), fast)
+
+
+def test_threads_restored_and_same_result() -> None:
+    w = _table(rows=3000, dim=256)
+    config = lb.LowBitConfig(bits=2, group_size=32)
+    before = torch.get_num_threads()
+    many = lb.quantize_lowbit(w, config)  # several blocks, on worker threads when torch has more than one
+    assert torch.get_num_threads() == before
+    one = {k: torch.cat([lb.quantize_lowbit(w[i : i + 500], config)[k] for i in range(0, 3000, 500)]) for k in many}
+    assert all(torch.equal(many[k], one[k]) for k in many)
+
+
 def test_layout_low_bits_first() -> None:
     codes = torch.tensor([[1, 2, 3, 0, 3, 3, 3, 3]], dtype=torch.uint8)
     assert lb.pack(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 255]]
