@@ -138,7 +138,20 @@ def encode_table(W: torch.Tensor, spec: Spec, context: Context | None = None) ->
         if spec.storage is not None:
             store_(table, spec.storage, spec.storage_config)
     table.spec_name = spec.name
+    table._info = {**(getattr(table, "_info", None) or {}), "rel_error": relative_error(W, table)}
     return table
+
+
+def relative_error(W: torch.Tensor, table: nn.Module, block: int = 8192) -> float:
+    """||W - W_hat||_F / ||W||_F of what the table serves, computed block by block (no dense copy of the table)."""
+    err = total = 0.0
+    with torch.no_grad():
+        for i in range(0, W.shape[0], block):
+            ids = torch.arange(i, min(i + block, W.shape[0]), device=W.device)
+            w = W[i : i + block].double()
+            err += float(((table(ids).double() - w) ** 2).sum())
+            total += float((w**2).sum())
+    return (err / total) ** 0.5 if total > 0 else 0.0
 
 
 def store_(table: Table, storage: Method, config: Config) -> None:

@@ -2,7 +2,7 @@
 tensors is kept). ``register`` adds one; ``get`` and ``registered`` read the registry (built-ins and the entry points
 of the group ``embcompress.methods``)."""
 
-from . import fp16, groupreduce, int8, svd, weighted
+from . import fp16, groupreduce, int8, lowbit, svd, weighted
 from .base import (
     STORAGE,
     STRUCTURE,
@@ -33,6 +33,7 @@ __all__ = [
     "get",
     "groupreduce",
     "int8",
+    "lowbit",
     "register",
     "registered",
     "svd",

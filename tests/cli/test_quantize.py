@@ -106,8 +106,10 @@ CASES = {
     "folder with no weights": (lambda p: [_empty_dir(p)], "holds no weights"),
     "corrupt safetensors": (lambda p: [_corrupt(p)], "not a readable safetensors"),
     "pickle with code": (lambda p: [_evil(p)], "refused"),
-    "bits 4": (lambda p: [p / "dan.safetensors", "--bits", "4"], "--bits must be 8"),
-    "bits not a number": (lambda p: [p / "dan.safetensors", "--bits", "abc"], "--bits must be 8"),
+    "bits 5": (lambda p: [p / "dan.safetensors", "--bits", "5"], "--bits must be 2, 3, 4, 8"),
+    "group size not dividing d": (lambda p: [p / "dan.safetensors", "--bits", "2", "--group-size", "64"],
+                                  "group size"),
+    "bits not a number": (lambda p: [p / "dan.safetensors", "--bits", "abc"], "--bits must be 2, 3, 4, 8"),
     "nan in a table": (lambda p: [_with(p, "embedding.weight", float("nan"))], "NaN or Inf"),
     "inf in a linear weight": (lambda p: [_with(p, "fc1.weight", float("inf")), "--bits", "16"], "NaN or Inf"),
     "beyond float16": (lambda p: [_with(p, "fc1.weight", 1e6), "--bits", "16"], "float16's range"),
@@ -150,3 +152,25 @@ def test_help_lists_quantize(capsys) -> None:
     assert "quantize" in capsys.readouterr().out
     assert main(["quantize", "--help"]) == 0
     assert "embcompress quantize model.safetensors" in capsys.readouterr().out
+
+
+def test_two_bit_groups_shrink_the_file_and_load_packed(hf_folder: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from embcompress import core
+    from embcompress.checkpoint import load_checkpoint
+
+    out = tmp_path / "bert-2b"
+    assert main(["quantize", str(hf_folder), "--bits", "2", "--refine", "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    (entry,) = result["tables"]
+    assert entry["storage_config"]["bits"] == 2 and entry["fraction"] <= 0.094
+    assert (out / "model.safetensors").stat().st_size < (hf_folder / "model.safetensors").stat().st_size
+    with load_checkpoint(out) as ckpt:
+        record = ckpt.embcompress_meta["tables"]["embeddings.word_embeddings.weight"]
+        mine = {k.removeprefix("embeddings.word_embeddings."): ckpt.tensor(k) for k in ckpt.names
+                if k.startswith("embeddings.word_embeddings.")}
+        original = load_checkpoint(hf_folder).tensor("embeddings.word_embeddings.weight")
+    table = core.table_from_tensors(record, mine)
+    assert table.weight.dtype == torch.uint8 and table.weight.shape == (1000, 32 * 2 // 8)
+    err = float((table.dense_weight() - original).norm() / original.norm())
+    assert err == pytest.approx(entry["info"]["rel_error"], rel=1e-4) and err < 0.5
