@@ -52,6 +52,7 @@ from .checkpoint import (
     torch_dtype,
 )
 from .errors import CheckpointError, InputError, TableError
+from .methods.int8 import INT8_MAX, dequantize_int8, quantize_int8  # one int8 scheme everywhere
 from .tables import find_embeddings, group_name
 
 QUANT_META_KEY = "embcompress.quant"
@@ -59,7 +60,6 @@ QUANT_FORMAT_VERSION = 1
 BITS: tuple[int, ...] = (8, 16)
 TAGS = {8: "int8", 16: "fp16"}
 SCALE_SUFFIX = "_scale"
-INT8_MAX = 127
 SCHEME_ROW = "int8_symmetric_per_row"
 SCHEME_CHANNEL = "int8_symmetric_per_channel"
 SCHEME_FP16 = "fp16"
@@ -71,39 +71,6 @@ FilterFn = Callable[[str, torch.Tensor], bool]
 
 
 # --- one tensor --------------------------------------------------------------------------------------------------
-
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (dim 0): returns (q int8, same shape as w; scale float32, shape [rows]).
-
-    scale_r = max |w_r| / 127 and q_r = round(w_r / scale_r) in [-127, 127]; an all-zero row gets scale 0.
-    """
-    if w.dim() < 1 or not w.is_floating_point():
-        raise InputError(
-            f"int8 quantization needs a floating tensor of at least 1 dimension, got {w.dtype} {tuple(w.shape)}"
-        )
-    rows = w.shape[0]
-    flat = w.detach().reshape(rows, -1)
-    q = torch.empty(flat.shape, dtype=torch.int8)
-    scale = torch.empty(rows, dtype=torch.float32)
-    step = max(1, _BLOCK_ELEMS // max(1, flat.shape[1]))
-    for i in range(0, rows, step):
-        x = flat[i : i + step].to("cpu", torch.float64)
-        s = (x.abs().amax(dim=1) / INT8_MAX).to(torch.float32) if x.shape[1] else torch.zeros(x.shape[0])
-        safe = torch.where(s > 0, s, torch.ones_like(s)).double()
-        q[i : i + step] = torch.round(x / safe.unsqueeze(1)).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-        scale[i : i + step] = s
-    return q.reshape(w.shape), scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """q * scale, the scale broadcast along dim 0, in float32, then cast to ``dtype``."""
-    if q.dim() < 1 or scale.dim() != 1 or scale.shape[0] != q.shape[0]:
-        raise CheckpointError(
-            f"int8 tensor of shape {tuple(q.shape)} does not fit scales of shape {tuple(scale.shape)}"
-        )
-    view = scale.to(torch.float32).reshape(-1, *([1] * (q.dim() - 1)))
-    return (q.to(torch.float32) * view).to(dtype)
 
 
 @dataclass
