@@ -1,0 +1,204 @@
+"""The ``pq`` structure: lookups, file round trip, bytes, error trends, count weighting, faiss parity, options,
+budgets, padding, recovery and ONNX parity."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from embcompress.errors import InputError
+from embcompress.methods import pq
+from embcompress.methods.base import BudgetError, Context, get
+
+
+def _table(rows: int = 600, dim: int = 32, seed: int = 0) -> torch.Tensor:
+    """Anisotropic rows with a shared offset, like a trained embedding table."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(1.0, 0.1, dim)
+    return torch.randn(rows, dim, generator=g) * scales @ torch.linalg.qr(torch.randn(dim, dim, generator=g))[0] \
+        + 0.3 * torch.randn(dim, generator=g)
+
+
+def _encode(w: torch.Tensor, backend: str = "torch", counts: torch.Tensor | None = None,
+            padding_idx: int | None = None, **options: object) -> pq.PQTable:
+    config = pq.PQConfig(**{"iterations": 10, **options})
+    return pq.encode_pq(w, config, Context(counts=counts, padding_idx=padding_idx), backend=backend)
+
+
+def _entry(table: pq.PQTable) -> dict:
+    return {"config": table.config().to_dict(), "shape": [table.num_embeddings, table.embedding_dim],
+            "padding_idx": table.padding_idx}
+
+
+def test_registered() -> None:
+    method = get("pq")
+    assert method.kind == "structure" and method.config is pq.PQConfig and method.table is pq.PQTable
+    table = method.encode(_table(), pq.PQConfig(iterations=2, centroids=16), Context())
+    assert isinstance(table, pq.PQTable)
+
+
+def test_forward_matches_dense_rows() -> None:
+    table = _encode(_table(), centroids=32)
+    ids = torch.randint(0, 600, (3, 7), generator=torch.Generator().manual_seed(1))
+    dense = table.dense_weight()
+    assert dense.shape == (600, 32)
+    out = table(ids)
+    assert out.shape == (3, 7, 32)
+    assert torch.equal(out, dense[ids])
+    assert 0 < table.info()["rel_error"] < 1
+
+
+def test_file_round_trip_identical() -> None:
+    table = _encode(_table(), centroids=64)
+    tensors = table.tensors()
+    assert tensors["codes"].dtype == torch.uint8 and tensors["codes"].shape == (600, 8)
+    assert tensors["codebooks"].dtype == torch.float16 and tensors["codebooks"].shape == (8, 64, 4)
+    again = pq.PQTable.from_tensors(load(save(tensors)), _entry(table))
+    ids = torch.arange(600)
+    assert torch.equal(again(ids), table(ids))
+    assert again.config() == table.config()
+
+
+def test_stored_bytes_as_planned() -> None:
+    for s, k, dtype in ((4, 256, "float16"), (2, 64, "float32"), (8, 16, "bfloat16")):
+        config = pq.PQConfig(subvector=s, centroids=k, iterations=2, codebook_dtype=dtype)
+        table = pq.encode_pq(_table(), config, Context(), backend="torch")
+        nbytes = sum(t.numel() * t.element_size() for t in table.tensors().values())
+        assert table.stored_bytes() == nbytes == config.stored_bytes(600, 32)
+        item = 4 if dtype == "float32" else 2
+        assert nbytes == 600 * 32 // s + (32 // s) * k * s * item
+
+
+def test_error_falls_with_centroids_and_smaller_subvectors() -> None:
+    w = _table(rows=1200)
+    by_k = [_encode(w, centroids=k).info()["rel_error"] for k in (8, 32, 128)]
+    assert by_k[0] > by_k[1] > by_k[2], by_k
+    by_s = [_encode(w, subvector=s, centroids=32).info()["rel_error"] for s in (8, 4, 2)]
+    assert by_s[0] > by_s[1] > by_s[2], by_s
+
+
+def test_counts_lower_the_error_of_frequent_rows() -> None:
+    w = _table(rows=1500)
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(1500)
+    frequent = torch.randperm(1500, generator=g)[:100]
+    counts[frequent] = 1000.0 / torch.arange(1, 101).float()  # Zipf-like head; the rest never seen
+    plain = _encode(w, counts=counts, weighted=False, centroids=16)
+    weighted = _encode(w, counts=counts, centroids=16)
+    assert weighted.info()["weighted"] and not plain.info()["weighted"]
+
+    def err(t: pq.PQTable) -> float:
+        return float((t.dense_weight().detach()[frequent] - w[frequent]).norm() / w[frequent].norm())
+
+    assert err(weighted) < 0.9 * err(plain), (err(weighted), err(plain))
+    assert weighted.info()["rel_error"] < 1.5 * plain.info()["rel_error"]  # the rest is not abandoned
+
+
+def test_row_weights() -> None:
+    assert pq.row_weights(None, 3) is None
+    assert pq.row_weights(torch.tensor([5.0, 5.0, 5.0]), 3) is None
+    w = pq.row_weights(torch.tensor([0.0, 1.0, 100.0]), 3)
+    assert torch.allclose(w / w[1], torch.tensor([0.1 ** 0.5, 1.0, 10.0]))
+    with pytest.raises(InputError, match="cover 2 rows"):
+        pq.row_weights(torch.ones(2), 3)
+    with pytest.raises(InputError, match="non-negative"):
+        pq.row_weights(torch.tensor([1.0, -1.0, 1.0]), 3)
+
+
+def test_torch_kmeans_within_two_percent_of_faiss() -> None:
+    pytest.importorskip("faiss")
+    w = _table(rows=3000, dim=16, seed=5)
+    for options in ({"subvector": 4, "centroids": 32}, {"subvector": 2, "centroids": 64}):
+        ours = _encode(w, backend="torch", iterations=20, **options).info()
+        theirs = _encode(w, backend="faiss", iterations=20, **options).info()
+        assert theirs["backend"] == "faiss"
+        assert ours["rel_error"] <= 1.02 * theirs["rel_error"], (ours, theirs)
+
+
+def test_bad_options_refused() -> None:
+    for options, message in (({"centroids": 257}, "between 2 and 256"), ({"centroids": 1}, "between 2 and 256"),
+                             ({"subvector": 0}, "at least 1"), ({"codebook_dtype": "int8"}, "codebook_dtype"),
+                             ({"iterations": -1}, "at least 0"), ({"subvector": 2.5}, "integer")):
+        with pytest.raises(InputError, match=message):
+            pq.PQConfig(**options)
+    with pytest.raises(InputError, match="subvector 5 does not divide the table's 32 dims"):
+        _encode(_table(), subvector=5)
+    with pytest.raises(InputError, match="centroids 256 is above the table's 100 rows"):
+        _encode(_table(rows=100), centroids=256)
+    with pytest.raises(InputError, match="unknown option"):
+        pq.PQConfig.from_dict({"rank": 3})
+    with pytest.raises(InputError, match="NaN"):
+        _encode(torch.full((300, 8), float("nan")), centroids=4)
+    with pytest.raises(InputError, match="backend"):
+        _encode(_table(), backend="cuda")
+
+
+def test_for_budget() -> None:
+    rows, dim = 30522, 384
+    f32 = 4 * rows * dim
+    config = pq.PQConfig.for_budget(rows, dim, int(0.07 * f32))
+    assert (config.subvector, config.centroids) == (4, 256)
+    assert pq.PQConfig.for_budget(rows, dim, int(0.13 * f32)).subvector == 2
+    tight = pq.PQConfig.for_budget(rows, dim, int(0.0345 * f32))
+    assert tight.subvector == 8 and tight.stored_bytes(rows, dim) <= 0.0345 * f32
+    smaller_k = pq.PQConfig.for_budget(1000, 16, 1000 * 16 // 4 + 4 * 128 * 4 * 2)
+    assert (smaller_k.subvector, smaller_k.centroids) == (4, 128)
+    assert pq.PQConfig.for_budget(rows, dim, int(0.07 * f32), centroids=16).centroids == 16
+    assert pq.PQConfig.for_budget(200, 16, 12000).centroids == 128  # K <= V
+    with pytest.raises(BudgetError, match="pq needs at least"):
+        pq.PQConfig.for_budget(rows, dim, rows)
+    with pytest.raises(BudgetError, match="not below the float32"):
+        pq.PQConfig.for_budget(rows, dim, f32)
+
+
+def test_padding_row() -> None:
+    w = _table()
+    w[0] = 0.0
+    table = _encode(w, padding_idx=0, centroids=16)
+    assert table.config().zero_padding is True
+    assert torch.equal(table(torch.tensor([[0, 1]]))[0, 0], torch.zeros(32))
+    assert torch.equal(table.dense_weight()[0], torch.zeros(32))
+    again = pq.PQTable.from_tensors(table.tensors(), _entry(table))
+    assert torch.equal(again(torch.arange(600)), table(torch.arange(600)))
+    kept = _encode(_table(), padding_idx=0, centroids=16)  # a non-zero padding row is served as encoded
+    assert kept.config().zero_padding is False and kept.dense_weight()[0].abs().sum() > 0
+
+
+def test_codebooks_are_recoverable() -> None:
+    table = _encode(_table(), centroids=16)
+    params = table.recoverable()
+    assert len(params) == 1 and params[0] is table.codebooks
+    table(torch.tensor([1, 2, 3])).sum().backward()
+    assert table.codebooks.grad is not None and table.codebooks.grad.abs().sum() > 0
+    assert "codes" not in dict(table.named_parameters())
+
+
+def test_onnx_parity() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, table: torch.nn.Module) -> None:
+            super().__init__()
+            self.table = table
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.table(ids)
+
+    table = _encode(_table(), centroids=32, subvector=2)
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Wrap(table).eval(), (torch.zeros(2, 3, dtype=torch.int64),), f, dynamo=False,
+                          opset_version=17, input_names=["ids"], output_names=["out"],
+                          dynamic_axes={"ids": {0: "batch", 1: "seq"}})
+    session = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in __import__("onnx").load_from_string(f.getvalue()).graph.node}
+    assert "Gather" in ops
+    ids = torch.randint(0, 600, (4, 9), generator=torch.Generator().manual_seed(2))
+    got = session.run(None, {"ids": ids.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), table(ids).detach(), rtol=1e-6, atol=1e-6)
