@@ -10,8 +10,8 @@ Three kinds of input are read, lazily where the format allows:
 
 Outputs are written atomically (``atomic_path``: a temporary ``.NAME.embcompress-tmp-PID-RANDOM`` beside the target,
 written, flushed to disk, then renamed), never over an input, never over a device, FIFO or socket, and over an
-existing output only when the caller says ``force``; a later run removes the temporaries of a killed one. Tensors that are not being compressed pass through
-unchanged, whatever their dtype.
+existing output only when the caller says ``force``; a later run removes the temporaries of a killed one. Tensors
+that are not being compressed pass through unchanged, whatever their dtype.
 
 Factorized files carry an ``embcompress`` key in their safetensors metadata: a JSON document (``META_KEY``) that
 records, per table, the original name, shape and dtype, the rank, the reduction asked and achieved, the method and
