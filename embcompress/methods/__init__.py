@@ -2,7 +2,7 @@
 tensors is kept). ``register`` adds one; ``get`` and ``registered`` read the registry (built-ins and the entry points
 of the group ``embcompress.methods``)."""
 
-from . import fp16, groupreduce, int8, lowbit, svd, weighted
+from . import fp16, groupreduce, iiq, int8, lowbit, pq, svd, weighted
 from .base import (
     STORAGE,
     STRUCTURE,
@@ -32,8 +32,10 @@ __all__ = [
     "fp16",
     "get",
     "groupreduce",
+    "iiq",
     "int8",
     "lowbit",
+    "pq",
     "register",
     "registered",
     "svd",
