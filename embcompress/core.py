@@ -12,6 +12,7 @@ storage for its float tensors (none, ``fp16``, ``int8``, ``lowbit`` ...), writte
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ def spec_for_budget(method: str, rows: int, dim: int, budget: int, options: Mapp
     if storage is None:
         return Spec(structure, structure.config.for_budget(rows, dim, budget, **options))
     storage_config = storage.config.from_dict(storage_options)
+    group = getattr(storage_config, "group_size", None)
+    if group and "multiple" in {f.name for f in dataclasses.fields(structure.config)}:
+        options.setdefault("multiple", group)
     inner = min(int(budget / _storage_ratio(storage_config, rows, dim)), 4 * rows * dim - 1)
     for _ in range(200):  # shrink the structure's share until its tensors, so stored, fit
         config = structure.config.for_budget(rows, dim, inner, **options)
@@ -135,7 +139,11 @@ def encode_table(W: torch.Tensor, spec: Spec, context: Context | None = None) ->
         table: Table = StoredTable(spec.storage, spec.storage_config, stored, V, d, context.padding_idx)
     else:
         table = spec.structure.encode(W, spec.structure_config, context)
-        if spec.storage is not None:
+        if spec.storage is not None and spec.structure.fit_stored is not None:
+            spec.structure.fit_stored(W.detach().float().cpu(), table, spec.storage, spec.storage_config)
+            table.storage, table.storage_config, table.stored_names = spec.storage, spec.storage_config, \
+                table.storable()
+        elif spec.storage is not None:
             store_(table, spec.storage, spec.storage_config)
     table.spec_name = spec.name
     table._info = {**(getattr(table, "_info", None) or {}), "rel_error": relative_error(W, table)}

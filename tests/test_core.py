@@ -99,3 +99,23 @@ def test_counted_method_without_counts_is_refused() -> None:
 def test_unknown_option_is_refused() -> None:
     with pytest.raises(InputError, match="unknown option"):
         core.make_spec("svd", {"rank": 4, "bits": 2})
+
+
+@pytest.mark.parametrize("storage,bits", [("lowbit", 2), ("int8", None)])
+def test_low_rank_with_a_storage_is_fitted_as_lplr(storage: str, bits: int | None) -> None:
+    """The right factor solved against the stored left one: never worse than storing both factors as they are."""
+    W = torch.randn(600, 64, generator=torch.Generator().manual_seed(4))
+    options = {"bits": bits} if bits else {}
+    spec = core.make_spec(f"svd+{storage}", {"rank": 32}, options)
+    fitted = core.encode_table(W, spec)
+    plain = core.encode_table(W, core.Spec(spec.structure, spec.structure_config))
+    core.store_(plain, spec.storage, spec.storage_config)
+    assert fitted.info()["rel_error"] <= core.relative_error(W, plain) + 1e-6
+    stored = core.table_tensors(fitted)  # what the file holds decodes to what the module computes
+    again = core.table_from_tensors(core.table_entry(fitted), stored)
+    torch.testing.assert_close(again.dense_weight(), fitted.dense_weight())
+
+
+def test_budget_with_low_bit_factors_rounds_the_rank_to_the_group() -> None:
+    spec = core.spec_for_budget("svd+lowbit", 2000, 64, int(0.05 * 4 * 2000 * 64), storage_options={"bits": 2})
+    assert spec.structure_config.rank % spec.storage_config.group_size == 0

@@ -2,7 +2,7 @@
 tensors is kept). ``register`` adds one; ``get`` and ``registered`` read the registry (built-ins and the entry points
 of the group ``embcompress.methods``)."""
 
-from . import fp16, groupreduce, iiq, int8, lowbit, pq, svd, weighted
+from . import fp16, groupreduce, iiq, int8, lowbit, pq, svd, tiered, weighted
 from .base import (
     STORAGE,
     STRUCTURE,
@@ -39,6 +39,7 @@ __all__ = [
     "register",
     "registered",
     "svd",
+    "tiered",
     "unregister",
     "weighted",
 ]

@@ -188,6 +188,7 @@ class Method:
     quantize: Quantize | None = None
     dequantize: Dequantize | None = None
     gather: Gather | None = None
+    fit_stored: Callable[[torch.Tensor, Table, Method, Config], None] | None = None  # structure+storage fitting
     needs: tuple[str, ...] = ()  # "counts": token counts from --corpus / --counts
     onnx: bool = True
     aliases: tuple[str, ...] = ()

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import InputError, TableError
 from ..groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, MAX_BLOCKS, group_reduce
 from .base import STRUCTURE, Config, Context, Method, Table, register
+from .svd import refit_factors
 from .weighted import WeightedConfig, row_weights
 
 
@@ -198,6 +199,17 @@ def _encode(W: torch.Tensor, config: GroupReduceConfig, context: Context) -> Gro
     return module
 
 
+def _fit_stored(W: torch.Tensor, table: Table, storage: Method, config: Config) -> None:
+    """LPLR block by block: each block's left factor stored, its right factor solved against it, then stored."""
+    group = getattr(config, "group_size", None)
+    if group and any(k % group for k in table.ranks):
+        raise InputError(f"groupreduce+{storage.name}: the block ranks {table.ranks} are not multiples of the group "
+                         f"size {group} the storage needs along the rank; use groupreduce+int8, or svd+{storage.name}")
+    groups = table.weight_groups.long()
+    for c, (a, b) in enumerate(zip(table.weight_a, table.weight_b)):
+        refit_factors(W[(groups == c).nonzero().flatten()], a, b, storage, config)
+
+
 METHOD = register(Method(
     name="groupreduce",
     kind=STRUCTURE,
@@ -205,6 +217,7 @@ METHOD = register(Method(
     description="GroupReduce: frequency blocks, each with its own rank, in the plain SVD's bytes",
     encode=_encode,
     table=GroupedFactorizedEmbedding,
+    fit_stored=_fit_stored,
     needs=("counts",),
     budget_options=("rank",),
 ))

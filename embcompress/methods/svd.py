@@ -134,6 +134,7 @@ class SVDConfig(Config):
     energy: float | None = None
     algorithm: str = "exact"
     force: bool = False  # allow a rank at or above break-even
+    multiple: int = 1  # the rank a multiple of this (a low-bit storage's group size along the rank)
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.reduction, self.rank, self.energy)) != 1:
@@ -142,6 +143,8 @@ class SVDConfig(Config):
             raise InputError(f"--reduction must be strictly between 0 and 1 (0.9 removes 90 %), got {self.reduction}")
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise InputError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.multiple < 1:
+            raise InputError(f"multiple must be at least 1, got {self.multiple}")
         if self.algorithm not in ALGORITHMS:
             raise InputError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
 
@@ -149,9 +152,15 @@ class SVDConfig(Config):
         """k for this table (the energy rule computes the spectrum)."""
         V, d = W.shape
         spec = spectrum(W) if self.energy is not None else None
-        return choose_rank(V, d, reduction=self.reduction, rank=self.rank, energy=self.energy,
-                           singular_values=spec.singular_values if spec is not None else None, force=self.force,
-                           table=table)
+        k = choose_rank(V, d, reduction=self.reduction, rank=self.rank, energy=self.energy,
+                        singular_values=spec.singular_values if spec is not None else None, force=self.force,
+                        table=table)
+        if k % self.multiple:
+            if k < self.multiple:
+                raise InputError(f"{table}: rank {k} is below the multiple {self.multiple} a low-bit storage of the "
+                                 "factors needs; give a larger budget or rank")
+            k -= k % self.multiple
+        return k
 
     def stored_bytes(self, rows: int, dim: int) -> int:
         if self.rank is None:
@@ -163,7 +172,9 @@ class SVDConfig(Config):
 
     @classmethod
     def for_budget(cls, rows: int, dim: int, budget: int, **options: Any) -> SVDConfig:
+        multiple = int(options.get("multiple", 1))
         k = budget // (4 * (rows + dim))
+        k -= k % multiple
         if k < 1:
             raise BudgetError(f"rank 1 needs {4 * (rows + dim)} bytes for a {rows} x {dim} table, over {budget}")
         if k >= break_even_rank(rows, dim):
@@ -172,12 +183,33 @@ class SVDConfig(Config):
         return cls(rank=int(k), **options)
 
 
+def _roundtrip(t: torch.Tensor, storage: Method, config: Config) -> torch.Tensor:
+    return storage.dequantize(storage.quantize(t.detach().float().cpu(), config), config, tuple(t.shape))
+
+
+def refit_factors(W: torch.Tensor, a: torch.Tensor, b: torch.Tensor, storage: Method, config: Config) -> None:
+    """LPLR (Saha, Srivastava and Pilanci, NeurIPS 2023) for one pair of factors, in place: keep the left factor in
+    the storage, solve the right one by least squares against the stored left (so it absorbs the first
+    quantization's error), then keep it in the storage too."""
+    with torch.no_grad():
+        qa = _roundtrip(a, storage, config).double()
+        gram = qa.T @ qa
+        gram += torch.eye(gram.shape[0], dtype=gram.dtype) * (1e-10 * float(gram.diagonal().mean()) + 1e-30)
+        right = torch.linalg.solve(gram, qa.T @ W.detach().double().cpu())
+        a.copy_(qa.to(a.dtype))
+        b.copy_(_roundtrip(right.float(), storage, config).to(b.dtype))
+
+
+def _fit_stored(W: torch.Tensor, table: Table, storage: Method, config: Config) -> None:
+    refit_factors(W, table.weight_a, table.weight_b, storage, config)
+
+
 def _encode(W: torch.Tensor, config: SVDConfig, context: Context) -> FactorizedEmbedding:
     k = config.choose_rank(W)
     factors = factorize_matrix(W.detach().to(context.device), k, method=config.algorithm)
     module = FactorizedEmbedding.from_factors(factors.a.cpu(), factors.b.cpu(), context.padding_idx)
     module.rel_error = factors.rel_error
-    module._config = SVDConfig(rank=k, algorithm=config.algorithm, force=config.force)
+    module._config = SVDConfig(rank=k, algorithm=config.algorithm, force=config.force, multiple=config.multiple)
     return module
 
 
@@ -188,5 +220,6 @@ METHOD = register(Method(
     description="truncated SVD W = W_a W_b (the paper's eq. 2-5); exact or randomized",
     encode=_encode,
     table=FactorizedEmbedding,
+    fit_stored=_fit_stored,
     budget_options=("rank",),
 ))

@@ -14,6 +14,7 @@ import torch
 from ..errors import InputError
 from ..svd import factorize_weighted
 from .base import STRUCTURE, Context, Method, register
+from . import svd
 from .svd import FactorizedEmbedding, SVDConfig
 
 DEFAULT_SMOOTHING = 1.0
@@ -54,7 +55,7 @@ def _encode(W: torch.Tensor, config: WeightedConfig, context: Context) -> Factor
     module = FactorizedEmbedding.from_factors(factors.a.cpu(), factors.b.cpu(), context.padding_idx)
     module.rel_error = factors.rel_error
     module._config = WeightedConfig(rank=k, algorithm=config.algorithm, force=config.force,
-                                    smoothing=config.smoothing, power=config.power)
+                                    multiple=config.multiple, smoothing=config.smoothing, power=config.power)
     return module
 
 
@@ -65,6 +66,7 @@ METHOD = register(Method(
     description="truncated SVD weighted by token counts: rank goes to frequent tokens",
     encode=_encode,
     table=FactorizedEmbedding,
+    fit_stored=svd.METHOD.fit_stored,
     needs=("counts",),
     budget_options=("rank",),
 ))

@@ -1,0 +1,70 @@
+"""tiered: frequent rows in more bits, the budget setting how many; its file form and its ONNX lookup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from embcompress import core
+from embcompress.errors import InputError
+from embcompress.methods import BudgetError, Context
+from embcompress.methods.tiered import TieredConfig, dequantize_rows
+
+W = torch.randn(1000, 64, generator=torch.Generator().manual_seed(0))
+COUNTS = torch.arange(1000, 0, -1).double()  # row 0 the most frequent
+
+
+def _error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("fraction", [0.09, 0.1, 0.13])
+def test_budget_sets_the_frequent_rows_and_fits(fraction: float) -> None:
+    budget = int(fraction * 4 * W.numel())
+    spec = core.spec_for_budget("tiered", 1000, 64, budget)
+    table = core.encode_table(W, spec, Context(counts=COUNTS))
+    entry = core.table_entry(table)
+    assert entry["bytes"] <= budget and entry["bytes"] == spec.structure_config.stored_bytes(1000, 64)
+    high = table.info()["frequent_rows"]
+    assert high == round(spec.structure_config.frequent * 1000) > 0
+    assert set((table.weight_tiers == 0).nonzero().flatten().tolist()) == set(range(high))  # the most frequent
+    dense = table.dense_weight()
+    torch.testing.assert_close(dense, dequantize_rows(table))
+    assert _error(dense[:high], W[:high]) < 0.5 * _error(dense[high:], W[high:])  # 4 bits against 2
+
+
+def test_more_budget_lowers_the_error() -> None:
+    errors = [core.encode_table(W, core.spec_for_budget("tiered", 1000, 64, int(f * 4 * W.numel())),
+                                Context(counts=COUNTS)).info()["rel_error"] for f in (0.09, 0.11, 0.14)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_file_form_round_trip() -> None:
+    table = core.encode_table(W, core.make_spec("tiered", {"frequent": 0.2}), Context(counts=COUNTS, padding_idx=0))
+    again = core.table_from_tensors(core.table_entry(table), core.table_tensors(table))
+    ids = torch.tensor([[0, 5, 999, 400]])
+    torch.testing.assert_close(again(ids), table(ids))
+
+
+def test_refused() -> None:
+    with pytest.raises(InputError, match="needs token counts"):
+        core.encode_table(W, core.make_spec("tiered"))
+    with pytest.raises(InputError, match="high_bits"):
+        TieredConfig(high_bits=2, low_bits=4)
+    with pytest.raises(BudgetError):
+        core.spec_for_budget("tiered", 1000, 64, int(0.05 * 4 * W.numel()))
+
+
+def test_onnx_lookup_matches_torch(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    table = core.encode_table(W, core.make_spec("tiered", {"frequent": 0.3}), Context(counts=COUNTS))
+    path = tmp_path / "tiered.onnx"
+    ids = torch.tensor([[0, 1, 500, 999], [3, 2, 700, 10]])
+    torch.onnx.export(table, (ids,), str(path), input_names=["ids"], output_names=["rows"], opset_version=17,
+                      dynamo=False, custom_opsets={"com.microsoft": 1},
+                      dynamic_axes={"ids": {0: "b", 1: "t"}, "rows": {0: "b", 1: "t"}})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"ids": ids.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), table(ids))
