@@ -154,7 +154,11 @@ def _nearest_fn(entries: int) -> Any:
     (>= COMPILE_ENTRIES) the fused kernel compiled by torch.compile (5x faster on CPU, about 20 s to compile the
     first time), unless EMBCOMPRESS_NO_COMPILE=1 or compiling fails (then eager, silently)."""
     global _compiled
-    if entries < COMPILE_ENTRIES or os.environ.get("EMBCOMPRESS_NO_COMPILE") == "1" or _compiled is False:
+    if os.environ.get("EMBCOMPRESS_NO_COMPILE") == "1" or _compiled is False:
+        return _nearest_eager
+    if callable(_compiled) and entries >= COMPILE_ENTRIES // 20:  # compiled already: worth it for less
+        return _compiled
+    if entries < COMPILE_ENTRIES:
         return _nearest_eager
     if _compiled is None:
         try:
@@ -274,11 +278,16 @@ def kmeans_faiss(x: torch.Tensor, weights: torch.Tensor | None, k: int, iteratio
     m, n, s = x.shape
     out = torch.empty(m, k, s)
     wn = None if weights is None else np.ascontiguousarray(weights.numpy(), dtype=np.float32)
-    for j in range(m):
-        km = faiss.Kmeans(s, k, niter=iterations, seed=seed + j, verbose=False,
-                          max_points_per_centroid=max(1, n), min_points_per_centroid=1)
-        km.train(np.ascontiguousarray(x[j].numpy()), weights=wn)
-        out[j] = torch.from_numpy(km.centroids.reshape(k, s).copy())
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # S-dim subspaces are too small to share; OpenMP threads only spin
+    try:
+        for j in range(m):
+            km = faiss.Kmeans(s, k, niter=iterations, seed=seed + j, verbose=False,
+                              max_points_per_centroid=max(1, n), min_points_per_centroid=1)
+            km.train(np.ascontiguousarray(x[j].numpy()), weights=wn)
+            out[j] = torch.from_numpy(km.centroids.reshape(k, s).copy())
+    finally:
+        faiss.omp_set_num_threads(threads)
     return out
 
 

@@ -202,3 +202,15 @@ def test_onnx_parity() -> None:
     ids = torch.randint(0, 600, (4, 9), generator=torch.Generator().manual_seed(2))
     got = session.run(None, {"ids": ids.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), table(ids).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_fused_kernel_agrees_with_matmul() -> None:
+    """The elementwise kernel torch.compile fuses for large tables (run here uncompiled, through the padded-block
+    path) names the same centroids as the batched matmul."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 1000, 4, generator=g)
+    c = torch.randn(6, 32, 4, generator=g)
+    eager = pq.assign(x, c, pq._nearest_eager)
+    fused = pq.assign(x, c, pq._nearest_fused)
+    assert torch.equal(eager, fused)
+    assert torch.equal(eager, torch.cdist(x, c).argmin(-1))
