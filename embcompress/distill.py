@@ -19,6 +19,18 @@ phases:
    phases learned is kept exactly. MiniLM at R = 90 % recovered on SST-2 train, 1200 steps (6 min on 2 cores):
    SST-2 test cosine 0.955 -> 0.960, and 0.925 -> 0.940 on the sentences holding a token the texts never show.
 
+Every phase runs the one recovery loop (``embcompress.recover.loop.run``) with a distillation objective: its
+schedules (warm-up + cosine by default; CALR, CLR, constant), straight-through training of tables kept in a storage
+(``svd+int8`` stays int8), a resume state saved every ``save_every`` steps (``distill(..., resume=True)`` loses only
+the steps since the last save) and data parallelism under ``torchrun`` (each rank its own batches of
+``batch_size`` texts, gradients averaged). Only what a compressed table's method allows is trained (factors,
+codebooks; a dense table kept in a storage has nothing to train: then the layers alone are).
+
+The student may have another vocabulary than the teacher (a trimmed model): texts are the common ground, each model
+reads them with its own tokenizer. Token-level losses pair the two models' states position by position, so they run
+only when the two tokenizers cut every training text into the same number of tokens (a trimmed WordPiece tokenizer
+does); otherwise only the sentence-level loss is used, and the report says so.
+
 Texts come from a ``.txt`` file (one a line) or ``.jsonl`` (a ``text`` field). With ``vocab_mix`` > 0 that fraction
 of each batch is made of random whole words from the model's own tokenizer vocabulary: tokens the texts never show
 still get a training signal (no text outside the model folder is needed). The student is written as a model folder
@@ -28,6 +40,7 @@ that ``embcompress.hf.load`` reads back; its ``embcompress`` metadata records th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -41,12 +54,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from . import hf
 from .checkpoint import check_finite_tensors, check_output
-from .device import resolve_device
-from .errors import InputError
+from .device import is_distributed, resolve_device
+from .errors import InputError, Interrupted
+from .methods.base import StoredTable
 from .modules import FactorizedEmbedding, GroupedFactorizedEmbedding
+from .recover.loop import EpochRecord, TrainConfig, is_main_process, run
+from .recover.resume import load_resume, resume_path, save_resume, saved_epoch
+from .recover.schedules import SCHEDULES
 
 TOKEN_LOSSES = ("mse", "cosine")
 SENTENCE_LOSSES = ("cosine", "mse")
@@ -57,8 +76,9 @@ class DistillConfig:
     """Hyperparameters of ``distill``. ``steps`` is the layer phase's length, ``sentence_steps`` the sentence
     phase's; ``layers`` = 0 skips the layer phase (then ``steps`` sentence steps are run when ``sentence_steps`` is
     0). ``lr`` is the layer phase's peak rate (and the sentence phase's when it runs alone), ``sentence_lr`` the
-    sentence phase's after a layer phase; both warm up linearly over ``warmup`` of the steps, then decay linearly
-    to 0 (AdamW). ``dropout`` keeps the student's dropout on while it learns (off by default: the teacher is
+    sentence phase's after a layer phase; with the default ``schedule`` (``warmup-cosine``) both warm up linearly
+    over ``warmup`` of the steps, then follow a half cosine to 0 (AdamW); ``calr``, ``clr`` and ``constant`` are
+    the classifier loop's schedules. A resume state is saved every ``save_every`` steps. ``dropout`` keeps the student's dropout on while it learns (off by default: the teacher is
     deterministic, and MiniLM at R = 90 % fits it better without). ``vocab_steps`` of the vocab phase train only
     the rows of tokens the texts never show, at ``vocab_lr`` (Adam, same schedule), with ``vocab_rate`` of each
     batch's tokens swapped for them."""
@@ -79,6 +99,8 @@ class DistillConfig:
     vocab_lr: float = 1e-2
     vocab_rate: float = 0.3
     dropout: bool = False
+    schedule: str = "warmup-cosine"
+    save_every: int = 100
     seed: int = 0
     device: str = "auto"
 
@@ -103,6 +125,10 @@ class DistillConfig:
             raise InputError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if self.max_length < 2:
             raise InputError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r} (known: {', '.join(SCHEDULES)})")
+        if self.save_every < 1:
+            raise InputError(f"save_every must be at least 1, got {self.save_every}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +150,8 @@ class DistillReport:
     device: str
     seconds: float
     options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    resumed_from_step: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,15 +226,15 @@ class Batches:
             out.append(" ".join(self.rng.choice(self.words) for _ in range(self.rng.randint(6, 16))))
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the batches stand (saved with the resume state)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order)}
 
-def _schedule(opt: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup`` of the steps, then linear decay to 0."""
-    w = max(1, int(steps * warmup))
-
-    def factor(i: int) -> float:
-        return min(1.0, (i + 1) / w) * max(0.0, 1.0 - max(0, i + 1 - w) / max(1, steps - w))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
 
 
 def _token_loss(s: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -221,34 +249,153 @@ def _sentence_loss(s: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
     return (1.0 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
-def _batch_loss(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layers: int | None,
-                *, tokens: bool, config: DistillConfig) -> torch.Tensor:
-    """The student's loss against the teacher on one batch, both run through their first ``layers`` blocks (all when
-    None): over every attended token's state (``tokens``), or over the mean-pooled sentence embeddings."""
+Inputs = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask)
+
+
+def _batch_loss(student: nn.Module, teacher: nn.Module, s_in: Inputs, t_in: Inputs, layers: int | None, *,
+                tokens: bool, config: DistillConfig) -> torch.Tensor:
+    """The student's loss against the teacher on one batch, each reading its own inputs, both run through their
+    first ``layers`` blocks (all when None): over every attended token's state (``tokens``; the inputs then pair
+    position by position), or over the mean-pooled sentence embeddings."""
     with (truncated(student, layers) if layers else contextlib.nullcontext()), \
             (truncated(teacher, layers) if layers else contextlib.nullcontext()):
         with torch.no_grad():
-            t_hidden = hf.hidden_states(teacher, ids, mask)
-        s_hidden = hf.hidden_states(student, ids, mask)
+            t_hidden = hf.hidden_states(teacher, *t_in)
+        s_hidden = hf.hidden_states(student, *s_in)
     if tokens:
-        keep = mask.bool()
+        keep = s_in[1].bool()
         return _token_loss(s_hidden[keep], t_hidden[keep], config.token_loss)
-    return _sentence_loss(hf.mean_pool(s_hidden, mask), hf.mean_pool(t_hidden, mask), config.loss)
+    return _sentence_loss(hf.mean_pool(s_hidden, s_in[1]), hf.mean_pool(t_hidden, t_in[1]), config.loss)
 
 
-def _update(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, loss: torch.Tensor, where: str,
-            rate: str) -> float:
-    """One optimizer step on ``loss``; a non-finite loss stops the run with one line naming the rate to lower."""
-    if not torch.isfinite(loss):
-        raise InputError(f"{where} (loss {float(loss)}); lower {rate}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    return float(loss.detach())
+@dataclass
+class Pairing:
+    """How the teacher reads the student's texts. ``tokenizer`` None: the same vocabulary, the teacher reads the
+    student's ids. Otherwise the teacher tokenizes with its own ``tokenizer``; ``tokens`` says whether token-level
+    losses pair positions (every text cut into as many tokens by both), ``id_map`` maps a student id to the
+    teacher's id of the same token (-1 where the teacher lacks it)."""
+
+    tokenizer: Any | None = None
+    tokens: bool = True
+    id_map: torch.Tensor | None = None
+    differ: int = 0  # texts the two tokenizers cut into different numbers of tokens
+
+    def teacher_inputs(self, texts: list[str], s_in: Inputs, max_length: int, device: torch.device) -> Inputs:
+        if self.tokenizer is None:
+            return s_in
+        batch = hf.tokenize(self.tokenizer, texts, max_length)
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def pair_tokenizers(student_tokenizer: Any, teacher_tokenizer: Any, texts: list[str], max_length: int) -> Pairing:
+    """The ``Pairing`` of a student and a teacher tokenizer on the training texts."""
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s_vocab == t_vocab:
+        return Pairing()
+    id_map = torch.full((max(s_vocab.values(), default=-1) + 1,), -1, dtype=torch.long)
+    for token, i in s_vocab.items():
+        id_map[i] = t_vocab.get(token, -1)
+    lengths = [len(ids) for ids in _token_ids(student_tokenizer, texts, max_length)]
+    differ = sum(a != len(b) for a, b in zip(lengths, _token_ids(teacher_tokenizer, texts, max_length), strict=True))
+    return Pairing(teacher_tokenizer, differ == 0, id_map, differ)
+
+
+def _loop_config(config: DistillConfig, lr: float, optimizer: str = "adamw") -> TrainConfig:
+    """The recovery loop's options for one phase (an "epoch" is ``save_every`` steps); the vocab phase (Adam) has no
+    weight decay."""
+    return TrainConfig(epochs=1, batch_size=config.batch_size, lr=lr, optimizer=optimizer, schedule=config.schedule,
+                       warmup=config.warmup, weight_decay=config.weight_decay if optimizer == "adamw" else 0.0,
+                       seed=config.seed, device=config.device, amp="off")
 
 
 StepCallback = Callable[[str, int, int, float], None]  # (phase, step, total, loss)
+
+
+@dataclass
+class _Phase:
+    """One phase ready to run: its objective, batches and parameters."""
+
+    name: str
+    steps: int
+    lr: float
+    optimizer: str
+    layers: int | None
+    loss: str
+    params: list[nn.Parameter]
+    loss_fn: Callable[[Any], torch.Tensor]
+    source: Any
+    draw: Callable[[], Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # more fields of the phase's record
+    masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # rows a parameter may change
+
+
+@contextlib.contextmanager
+def _prepared(student: nn.Module, phase: _Phase) -> Iterator[None]:
+    """Only the phase's parameters require gradients (under their row masks) while it runs."""
+    mine = {id(p) for p in phase.params}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in mine)
+    hooks = [p.register_hook(lambda grad, mask=mask: grad * mask) for p, mask in phase.masks]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in student.parameters():
+            p.requires_grad_(True)
+
+
+def _seconds_per_step(phase: _Phase, student: nn.Module, steps: int = 2) -> float:
+    """Time ``steps`` forward and backward passes of a phase (after one untimed), without changing the model, the
+    batches or the random state: what the estimate before a run is measured on."""
+    saved = phase.source.state_dict()
+    device = next(student.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            phase.loss_fn(phase.draw()).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                phase.loss_fn(phase.draw()).backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return (time.perf_counter() - start) / steps
+    finally:
+        phase.source.load_state_dict(saved)
+        for p in student.parameters():
+            p.grad = None
+
+
+def _train_phase(phase: _Phase, student: nn.Module, config: DistillConfig, *, on_step: StepCallback | None,
+                 state: dict | None, losses: list[float], on_epoch: Callable[[EpochRecord], None] | None
+                 ) -> dict[str, Any]:
+    """Run one phase through the recovery loop; ``losses`` (the steps' losses so far, from a resume state) grows."""
+    start = time.perf_counter()
+    every = min(config.save_every, max(1, phase.steps))
+
+    def batches(epoch: int) -> Iterator[tuple[Any, int]]:
+        while True:
+            yield phase.draw(), config.batch_size
+
+    def step_done(epoch: int, step: int, per_epoch: int, loss: float) -> None:
+        losses.append(loss)
+        if on_step:
+            on_step(phase.name, (epoch - 1) * per_epoch + step, phase.steps, loss)
+
+    rate = "vocab_lr" if phase.name == "vocab" else "--lr"
+    if phase.steps:
+        run(student, phase.loss_fn, batches, every, _loop_config(config, phase.lr, phase.optimizer),
+            params=phase.params, total_steps=phase.steps, source=phase.source, signature={"phase": phase.name},
+            train_mode=config.dropout and phase.name != "vocab",
+            diverged=lambda step, loss: InputError(f"the {phase.name} phase diverged at step {step} (loss {loss}); "
+                                                   f"lower {rate}"),
+            on_step=step_done, on_epoch=on_epoch, state=state)
+    student.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"phase": phase.name, "steps": phase.steps, "lr": phase.lr, "layers": phase.layers, "loss": phase.loss,
+            **phase.extra, "loss_first": losses[0] if losses else None,
+            "loss_last": sum(tail) / len(tail) if tail else None, "seconds": time.perf_counter() - start}
 
 
 def _phase(
@@ -256,46 +403,32 @@ def _phase(
     student: nn.Module,
     teacher: nn.Module,
     tokenizer: Any,
+    pairing: Pairing,
     batches: Batches,
     *,
     steps: int,
     lr: float,
     config: DistillConfig,
     device: torch.device,
-    on_step: StepCallback | None,
-) -> dict[str, Any]:
+) -> _Phase:
+    """The layer or the sentence phase."""
     layers = config.layers if phase == "layer" else None
     stack = layer_stack(student)[2] if layers else None
     if stack is not None and not 0 < layers <= len(stack):
         raise InputError(f"--layers must be between 1 and {len(stack)} for this model, got {layers}")
     # the layer phase trains the embeddings and the first L blocks; the sentence phase trains everything
     frozen = {id(p) for blk in list(stack)[layers:] for p in blk.parameters()} if stack is not None else set()
-    params = [p for p in student.parameters() if id(p) not in frozen]
-    for p in student.parameters():
-        p.requires_grad_(id(p) not in frozen)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    sched = _schedule(opt, steps, config.warmup)
-    losses: list[float] = []
-    start = time.perf_counter()
-    # without dropout the student fits the (deterministic) teacher better: MiniLM at R = 90 %, 300 steps, cosine
-    # 0.881 instead of 0.865
-    student.train(config.dropout)
-    for step in range(1, steps + 1):
-        batch = hf.tokenize(tokenizer, next(batches), config.max_length)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    tokens = bool(layers)
+
+    def loss_fn(texts: list[str]) -> torch.Tensor:
+        batch = hf.tokenize(tokenizer, texts, config.max_length)
+        s_in = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        t_in = pairing.teacher_inputs(texts, s_in, config.max_length, device)
         # truncation is per step, so that ``on_step`` sees (and may evaluate) the whole model
-        loss = _batch_loss(student, teacher, ids, mask, layers, tokens=bool(layers), config=config)
-        losses.append(_update(opt, sched, loss, f"the {phase} phase diverged at step {step}", "--lr"))
-        if on_step:
-            on_step(phase, step, steps, losses[-1])
-    for p in student.parameters():
-        p.requires_grad_(True)
-    student.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"phase": phase, "steps": steps, "lr": lr, "layers": layers,
-            "loss": config.token_loss if layers else config.loss,
-            "loss_first": losses[0] if losses else None, "loss_last": sum(tail) / len(tail) if tail else None,
-            "seconds": time.perf_counter() - start}
+        return _batch_loss(student, teacher, s_in, t_in, layers, tokens=tokens, config=config)
+
+    return _Phase(phase, steps, lr, "adamw", layers, config.token_loss if layers else config.loss,
+                  [p for p in student.parameters() if id(p) not in frozen], loss_fn, batches, lambda: next(batches))
 
 
 # --- vocabulary completion --------------------------------------------------------------------------------------
@@ -345,64 +478,114 @@ def row_parameters(table: nn.Module, ids: torch.Tensor) -> list[tuple[nn.Paramet
     return [(weight, mask)]
 
 
+class SwapBatches:
+    """Batches of the texts (token ids) with ``rate`` of their tokens swapped for the ``unseen`` ones, every unseen
+    token in turn, in a fresh order each round."""
+
+    def __init__(self, batches: Batches, tokenizer: Any, unseen: list[int], *, rate: float, max_length: int,
+                 seed: int) -> None:
+        self.batches, self.tokenizer, self.unseen = batches, tokenizer, unseen
+        self.rate, self.max_length = rate, max_length
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pool: list[int] = []
+        self.special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
+
+    def __next__(self) -> Inputs:
+        batch = hf.tokenize(self.tokenizer, next(self.batches), self.max_length)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        swap = mask.bool() & ~torch.isin(ids, self.special) & (torch.rand(ids.shape, generator=self.gen) < self.rate)
+        new = []
+        for _ in range(int(swap.sum())):
+            if not self.pool:
+                self.pool = self.unseen[:]
+                self.rng.shuffle(self.pool)
+            new.append(self.pool.pop())
+        return ids.masked_scatter(swap, torch.tensor(new, dtype=ids.dtype)), mask
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.rng.getstate()
+        return {"batches": self.batches.state_dict(), "rng": [version, list(internal), gauss],
+                "gen": self.gen.get_state(), "pool": list(self.pool)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["batches"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.gen.set_state(state["gen"])
+        self.pool = list(state["pool"])
+
+
 def _vocab_phase(
     student: nn.Module,
     teacher: nn.Module,
     tokenizer: Any,
+    pairing: Pairing,
     batches: Batches,
     unseen: list[int],
     *,
     config: DistillConfig,
     device: torch.device,
-    on_step: StepCallback | None,
-) -> dict[str, Any]:
-    steps, layers = config.vocab_steps, config.layers or None
-    record = {"phase": "vocab", "steps": steps, "lr": config.vocab_lr, "layers": layers, "loss": config.token_loss,
-              "tokens": len(unseen), "loss_first": None, "loss_last": None, "seconds": 0.0}
-    if not unseen:
-        return {**record, "steps": 0}
-    start = time.perf_counter()
+) -> _Phase:
+    """Vocabulary completion: only the rows of ``unseen`` tokens train (all of the table's other rows and the
+    layers stay as they are)."""
+    layers = config.layers or None
+    masks = row_parameters(student.get_input_embeddings(), torch.tensor(unseen, device=device)) if unseen else []
+    source = SwapBatches(batches, tokenizer, unseen, rate=config.vocab_rate, max_length=config.max_length,
+                         seed=config.seed)
+
+    def loss_fn(batch: Inputs) -> torch.Tensor:
+        ids, mask = batch[0].to(device), batch[1].to(device)
+        t_ids = ids if pairing.id_map is None else pairing.id_map.to(device)[ids]
+        return _batch_loss(student, teacher, (ids, mask), (t_ids, mask), layers, tokens=True, config=config)
+
+    return _Phase("vocab", config.vocab_steps if unseen else 0, config.vocab_lr, "adam", layers, config.token_loss,
+                  [p for p, _ in masks], loss_fn, source, lambda: next(source), {"tokens": len(unseen)}, masks)
+
+
+def _phases(student: nn.Module, teacher: nn.Module, tokenizer: Any, pairing: Pairing, texts: list[str],
+            config: DistillConfig, device: torch.device, seed: int, notes: list[str]) -> list[_Phase]:
+    """The phases ``config`` asks for, each ready to run; ``notes`` gets a line for each change a student forces
+    (a tokenizer that pairs no positions, a table with nothing to train)."""
+    if not pairing.tokens and (config.layers or config.vocab_steps):
+        notes.append(f"the two tokenizers cut {pairing.differ} of {len(texts)} texts into different numbers of "
+                     "tokens: the sentence-level loss only (no layer or vocab phase)")
+        config = dataclasses.replace(config, layers=0, vocab_steps=0)
     table = student.get_input_embeddings()
-    pairs = row_parameters(table, torch.tensor(unseen, device=device))
-    for p in student.parameters():
-        p.requires_grad_(False)
-    hooks = []
-    for p, mask in pairs:
-        p.requires_grad_(True)
-        hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
-    opt = torch.optim.Adam([p for p, _ in pairs], lr=config.vocab_lr)
-    sched = _schedule(opt, steps, config.warmup)
-    rng = random.Random(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    pool: list[int] = []
-    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
-    losses: list[float] = []
-    student.eval()
-    try:
-        for step in range(1, steps + 1):
-            batch = hf.tokenize(tokenizer, next(batches), config.max_length)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            swap = mask.bool() & ~torch.isin(ids, special) & (torch.rand(ids.shape, generator=gen) < config.vocab_rate)
-            new = []
-            for _ in range(int(swap.sum())):  # every unseen token in turn, in a fresh order each round
-                if not pool:
-                    pool = unseen[:]
-                    rng.shuffle(pool)
-                new.append(pool.pop())
-            ids = ids.masked_scatter(swap, torch.tensor(new, dtype=ids.dtype)).to(device)
-            mask = mask.to(device)
-            loss = _batch_loss(student, teacher, ids, mask, layers, tokens=True, config=config)
-            losses.append(_update(opt, sched, loss, f"the vocab phase diverged at step {step}", "vocab_lr"))
-            if on_step:
-                on_step("vocab", step, steps, losses[-1])
-    finally:
-        for h in hooks:
-            h.remove()
-        for p in student.parameters():
-            p.requires_grad_(True)
-    tail = losses[-max(1, len(losses) // 10):]
-    return {**record, "loss_first": losses[0], "loss_last": sum(tail) / len(tail),
-            "seconds": time.perf_counter() - start}
+    stored = isinstance(table, StoredTable)
+    if stored:
+        notes.append(f"the table is a dense table kept in {table.storage.name}: it has nothing to train, recovery "
+                     "trains the layers only" + (" (no vocab phase)" if config.vocab_steps else ""))
+    words = vocabulary_words(tokenizer) if config.vocab_mix else None
+    batches = Batches(texts, config.batch_size, seed=seed, words=words, vocab_mix=config.vocab_mix)
+    phases = []
+    if config.layers and config.steps:
+        phases.append(_phase("layer", student, teacher, tokenizer, pairing, batches, steps=config.steps, lr=config.lr,
+                             config=config, device=device))
+    sentence_steps = config.sentence_steps or (config.steps if not config.layers else 0)
+    if sentence_steps:
+        lr = config.sentence_lr if config.layers else config.lr
+        phases.append(_phase("sentence", student, teacher, tokenizer, pairing, batches, steps=sentence_steps, lr=lr,
+                             config=config, device=device))
+    if config.vocab_steps and not stored:
+        vocab_size = table.num_embeddings
+        unseen = unseen_tokens(tokenizer, texts, vocab_size, config.max_length)
+        if pairing.id_map is not None:
+            unseen = [i for i in unseen if i < len(pairing.id_map) and pairing.id_map[i] >= 0]
+        plain = Batches(texts, config.batch_size, seed=seed + 1)
+        phases.append(_vocab_phase(student, teacher, tokenizer, pairing, plain, unseen, config=config, device=device))
+    return phases
+
+
+def estimate_note(seconds: float, steps: int, device: torch.device) -> str:
+    """The line said before a run: how long it will take here, and what a GPU would change."""
+    text = f"about {seconds / 60:.1f} min for {steps} steps on {device} (measured on the first steps)"
+    if device.type == "cuda":
+        return text
+    if torch.cuda.is_available():
+        return text + "; --device cuda would run them on this machine's GPU"
+    return text + ("; no CUDA GPU here: on a machine with one, run with --device cuda (or auto, the default), where "
+                   "the transformer's matrix products are many times faster")
 
 
 def distill_model(
@@ -412,10 +595,22 @@ def distill_model(
     texts: list[str],
     config: DistillConfig | None = None,
     *,
+    teacher_tokenizer: Any | None = None,
     on_step: StepCallback | None = None,
+    on_note: Callable[[str], None] | None = None,
+    estimate: bool = False,
+    state: dict | None = None,
+    on_state: Callable[[dict], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Distil an in-memory student toward a teacher on texts (both transformers models of the same
-    architecture); returns one record per phase. The teacher is not changed."""
+    """Distil an in-memory student toward a teacher on texts (both transformers models of the same architecture and
+    width; ``teacher_tokenizer`` when the teacher's vocabulary differs, e.g. the student is trimmed); returns one
+    record per phase. The teacher is not changed.
+
+    ``on_note(line)`` gets a line for each change the pair forces (see ``_phases``) and, with ``estimate``, the
+    time the run will take (``estimate_note``), measured on a few forward and backward passes of each phase before
+    training. ``on_state(state)`` gets the resume state after every ``save_every`` steps; ``state`` (one of those)
+    continues that run: the phases it finished are not redone.
+    """
     config = config or DistillConfig()
     config.validate()
     if not texts and (not config.vocab_mix or config.vocab_steps):
@@ -425,25 +620,44 @@ def distill_model(
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(config.seed)
-    words = vocabulary_words(tokenizer) if config.vocab_mix else None
-    batches = Batches(texts, config.batch_size, seed=config.seed, words=words, vocab_mix=config.vocab_mix)
-    phases = []
-    if config.layers and config.steps:
-        phases.append(_phase("layer", student, teacher, tokenizer, batches, steps=config.steps, lr=config.lr,
-                             config=config, device=device, on_step=on_step))
-    sentence_steps = config.sentence_steps or (config.steps if not config.layers else 0)
-    if sentence_steps:
-        lr = config.sentence_lr if config.layers else config.lr
-        phases.append(_phase("sentence", student, teacher, tokenizer, batches, steps=sentence_steps, lr=lr,
-                             config=config, device=device, on_step=on_step))
-    if config.vocab_steps:
-        vocab_size = student.get_input_embeddings().num_embeddings
-        unseen = unseen_tokens(tokenizer, texts, vocab_size, config.max_length)
-        plain = Batches(texts, config.batch_size, seed=config.seed + 1)
-        phases.append(_vocab_phase(student, teacher, tokenizer, plain, unseen, config=config, device=device,
-                                   on_step=on_step))
-    return phases
+    pairing = (pair_tokenizers(tokenizer, teacher_tokenizer, texts, config.max_length)
+               if teacher_tokenizer is not None else Pairing())
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    seed = config.seed if rank == 0 else config.seed + 7919 * rank  # each rank its own batches
+    notes: list[str] = []
+    phases = _phases(student, teacher, tokenizer, pairing, texts, config, device, seed, notes)
+    for line in notes:
+        if on_note:
+            on_note(line)
+    done: list[dict[str, Any]] = []
+    losses: list[float] = []
+    first = 0
+    if state is not None:
+        info = state["distill"]
+        first, done, losses = int(info["phase"]), list(info["phases"]), list(info["losses"])
+        if not 0 <= first < len(phases) or len(done) != first:
+            raise InputError("the resume state does not fit this run's phases; delete it to start over")
+        student.load_state_dict(state["model"])
+    if estimate and on_note:
+        seconds = 0.0
+        for phase in phases[first:]:
+            if phase.steps:
+                with _prepared(student, phase):
+                    seconds += phase.steps * _seconds_per_step(phase, student)
+        on_note(estimate_note(seconds, sum(p.steps for p in phases[first:]), device))
+    for i, phase in enumerate(phases):
+        if i < first:
+            continue
+
+        def epoch_done(record: EpochRecord, i: int = i) -> None:
+            if on_state is not None and record.state is not None:
+                on_state({**record.state, "distill": {"phase": i, "phases": done, "losses": losses}})
+
+        with _prepared(student, phase):
+            done.append(_train_phase(phase, student, config, on_step=on_step, state=state if i == first else None,
+                                     losses=losses, on_epoch=epoch_done))
+        losses = []
+    return done
 
 
 def distill(
@@ -456,11 +670,16 @@ def distill(
     dev_path: str | os.PathLike[str] | None = None,
     dev_limit: int = 1000,
     force: bool = False,
+    resume: bool = False,
     on_step: StepCallback | None = None,
+    on_note: Callable[[str], None] | None = None,
+    estimate: bool = False,
 ) -> DistillReport:
-    """Distil the factorized model folder ``student_path`` toward the original ``teacher_path`` on the texts of
+    """Distil the compressed model folder ``student_path`` toward the original ``teacher_path`` on the texts of
     ``data_path`` and write the result to ``output`` (a model folder). With ``dev_path``, the mean and worst cosine
-    to the teacher's sentence embeddings on those texts are measured before and after."""
+    to the teacher's sentence embeddings on those texts are measured before and after. The student may be trimmed
+    (another vocabulary): each model reads the texts with its own tokenizer. ``resume`` continues an interrupted run
+    from ``<output>.resume.pt``. Under torchrun only rank 0 writes."""
     start = time.perf_counter()
     config = config or DistillConfig()
     config.validate()
@@ -469,25 +688,55 @@ def distill(
     for p, what in ((src, "model"), (tea, "--teacher")):
         if not hf.is_hf_folder(p):
             raise InputError(f"{p}: {what} must be a Hugging Face model folder (config.json with a model_type)")
-    check_output(out, [src, tea, data] + ([dev] if dev else []), force=force)
+    check_output(out, [src, tea, data] + ([dev] if dev else []), force=force or resume)
     texts = hf.read_texts(data)
     dev_texts = hf.read_texts(dev, limit=dev_limit) if dev else None
+    signature = {**{k: v for k, v in config.to_dict().items() if k != "device"}, "texts": len(texts),
+                 "teacher": str(tea)}
+    state = load_resume(resume_path(out)) if resume else None
+    if state is not None:
+        old = (state.get("distill") or {}).get("signature")
+        if old != signature:
+            diffs = sorted(k for k in signature if not isinstance(old, dict) or old.get(k) != signature[k])
+            raise InputError(f"cannot resume: the run differs from the one that made the state ({', '.join(diffs)})")
     student = hf.load(src, task="base")
     teacher = hf.load(tea, task="base")
     check_finite_tensors(student.named_parameters(), action="fine-tune it")
     check_finite_tensors(teacher.named_parameters(), action="distil toward it")
     _check_pair(student, teacher, src, tea)
     tokenizer = hf.load_tokenizer(src)
+    teacher_tokenizer = hf.load_tokenizer(tea)
     device = resolve_device(config.device)
     student.to(device)
     teacher.to(device)
     before = after = None
     teacher_dev = None
     if dev_texts:
-        teacher_dev = hf.embed(teacher, tokenizer, dev_texts, max_length=config.max_length)
+        teacher_dev = hf.embed(teacher, teacher_tokenizer, dev_texts, max_length=config.max_length)
         before = hf.cosine_report(hf.embed(student, tokenizer, dev_texts, max_length=config.max_length),
                                   teacher_dev, dev_texts).to_dict()
-    phases = distill_model(student, teacher, tokenizer, texts, config, on_step=on_step)
+    notes: list[str] = []
+
+    def note(line: str) -> None:
+        notes.append(line)
+        if on_note:
+            on_note(line)
+
+    saving = [resume]
+
+    def save_state(st: dict) -> None:
+        if is_main_process():
+            saving[0] = True
+            st["distill"]["signature"] = signature
+            save_resume(st, resume_path(out))
+
+    try:
+        phases = distill_model(student, teacher, tokenizer, texts, config, teacher_tokenizer=teacher_tokenizer,
+                               on_step=on_step, on_note=note, estimate=estimate, state=state, on_state=save_state)
+    except KeyboardInterrupt:
+        if saving[0] and is_main_process() and saved_epoch(resume_path(out)):
+            raise Interrupted("interrupted; the steps up to the last save are kept: resume with --resume") from None
+        raise Interrupted("interrupted; nothing written") from None
     if dev_texts:
         after = hf.cosine_report(hf.embed(student, tokenizer, dev_texts, max_length=config.max_length),
                                  teacher_dev, dev_texts).to_dict()
@@ -495,20 +744,26 @@ def distill(
                **config.to_dict()}
     record = {"distilled": {**{k: v for k, v in options.items() if k not in ("model",)}, "texts": len(texts),
                             "phases": phases, "dev_cosine_before": before and before["mean"],
-                            "dev_cosine_after": after and after["mean"]}}
-    hf.save(student.cpu(), out, like=src, inputs=[tea, data] + ([dev] if dev else []), force=force,
-            extra_meta=record)
+                            "dev_cosine_after": after and after["mean"], "notes": notes}}
+    if is_main_process():
+        hf.save(student.cpu(), out, like=src, inputs=[tea, data] + ([dev] if dev else []), force=force or resume,
+                extra_meta=record)
+        resume_path(out).unlink(missing_ok=True)
+    resumed = 0
+    if state is not None:
+        info = state["distill"]
+        resumed = sum(p["steps"] for p in info["phases"]) + len(info["losses"])
     return DistillReport(str(src), str(tea), str(data), str(out), len(texts), phases, str(dev) if dev else None,
-                         before, after, str(device), time.perf_counter() - start, options)
+                         before, after, str(device), time.perf_counter() - start, options, notes, resumed)
 
 
 def _check_pair(student: nn.Module, teacher: nn.Module, src: Path, tea: Path) -> None:
     s_cfg, t_cfg = student.config, teacher.config
-    for key in ("model_type", "hidden_size", "vocab_size"):
+    for key in ("model_type", "hidden_size"):  # the vocabulary may differ (a trimmed student): texts pair them
         a, b = getattr(s_cfg, key, None), getattr(t_cfg, key, None)
         if a != b:
             raise InputError(f"{src} and --teacher {tea} differ in {key} ({a} vs {b}); the teacher must be the "
-                             "model the student was factorized from")
+                             "model the student was compressed from")
 
 
 # --- similarity to the original -------------------------------------------------------------------------------
@@ -570,8 +825,9 @@ def similarity_to(
     coverage_of: str | os.PathLike[str] | None = None,
 ) -> SimilarityReport:
     """Mean, worst, 5th-percentile and median cosine between two Hugging Face models' mean-pooled sentence
-    embeddings of the texts of ``data_path`` (``.txt`` or ``.jsonl``); with ``coverage_of`` (the recovery texts),
-    also the mean by ``coverage_groups``."""
+    embeddings of the texts of ``data_path`` (``.txt`` or ``.jsonl``), each model reading them with its own
+    tokenizer (a trimmed model has another vocabulary than its original); with ``coverage_of`` (the recovery
+    texts), also the mean by ``coverage_groups``."""
     start = time.perf_counter()
     src, orig, data = Path(model_path), Path(original_path), Path(data_path)
     for p, what in ((src, "model"), (orig, "--similarity-to")):
@@ -586,7 +842,10 @@ def similarity_to(
     check_finite_tensors(original.named_parameters(), action="compare with it")
     _check_pair(model, original, src, orig)
     tokenizer = hf.load_tokenizer(src)
-    sim = hf.similarity(model, original, tokenizer, texts, batch_size=batch_size, max_length=max_length)
+    original_tokenizer = hf.load_tokenizer(orig)
+    sim = hf.cosine_report(hf.embed(model, tokenizer, texts, batch_size=batch_size, max_length=max_length),
+                           hf.embed(original, original_tokenizer, texts, batch_size=batch_size, max_length=max_length),
+                           texts)
     coverage = None
     if recovery_texts is not None:
         counts = token_counts(tokenizer, recovery_texts, max_length)
@@ -642,14 +901,19 @@ def finetune_labelled(
     batch_size: int = 32,
     lr: float = 5e-5,
     max_length: int = hf.DEFAULT_MAX_LENGTH,
+    schedule: str = "warmup-cosine",
+    warmup: float = 0.06,
     seed: int = 0,
     device: str = "auto",
     force: bool = False,
+    resume: bool = False,
     on_step: StepCallback | None = None,
 ) -> LabelledReport:
-    """Fine-tune a Hugging Face encoder (factorized or not) with a sequence-classification head on JSON Lines
+    """Fine-tune a Hugging Face encoder (compressed or not) with a sequence-classification head on JSON Lines
     ``{"text", "label"}`` examples; keep the epoch best on ``dev_path``; write a model folder whose config names
-    the labels. A model folder that already has the head keeps it (its labels must match)."""
+    the labels. A model folder that already has the head keeps it (its labels must match). The classification
+    objective runs in the one recovery loop (AdamW, ``schedule``, resume from ``<output>.resume.pt`` with
+    ``resume``, torchrun's ranks each on its shard); only rank 0 writes."""
     from .data import LabelSet, read_jsonl
 
     start = time.perf_counter()
@@ -657,63 +921,75 @@ def finetune_labelled(
     dev = Path(dev_path) if dev_path is not None else None
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise InputError("--epochs and --batch-size must be at least 1 and --lr positive")
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
     if not hf.is_hf_folder(src):
         raise InputError(f"{src}: not a Hugging Face model folder (config.json with a model_type)")
-    check_output(out, [src, train] + ([dev] if dev else []), force=force)
+    check_output(out, [src, train] + ([dev] if dev else []), force=force or resume)
     examples = read_jsonl(train)
     labels = LabelSet.from_examples(examples)
     targets = [labels.index(ex.label, ex.source) for ex in examples]
     texts = [ex.text for ex in examples]
     dev_ex = read_jsonl(dev) if dev else []
     dev_texts, dev_targets = [ex.text for ex in dev_ex], [labels.index(ex.label, ex.source) for ex in dev_ex]
+    state = load_resume(resume_path(out)) if resume else None
     dev_dev = resolve_device(device)
     torch.manual_seed(seed)
     model = hf.load(src, task="sequence-classification", num_labels=len(labels),
                     id2label={i: str(x) for i, x in enumerate(labels.labels)}, device=dev_dev)
     check_finite_tensors(model.named_parameters(), action="fine-tune it")
     tokenizer = hf.load_tokenizer(src)
-    score = (lambda: _accuracy(model, tokenizer, dev_texts, dev_targets, batch_size=64, max_length=max_length,
-                               device=dev_dev)) if dev_texts else None
-    dev_before = score() if score else None
-    steps_per_epoch = math.ceil(len(texts) / batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = _schedule(opt, epochs * steps_per_epoch, 0.06)
-    rng = random.Random(seed)
-    history, best, best_state, best_epoch = [], -1.0, None, None
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = list(range(len(texts)))
-        rng.shuffle(order)
-        t0, total = time.perf_counter(), 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            enc = hf.tokenize(tokenizer, [texts[j] for j in idx], max_length)
-            y = torch.tensor([targets[j] for j in idx], device=dev_dev)
-            logits = model(input_ids=enc["input_ids"].to(dev_dev),
-                           attention_mask=enc["attention_mask"].to(dev_dev)).logits
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-            if on_step:
-                on_step(f"epoch {epoch}", i + 1, steps_per_epoch, float(loss.detach()))
-        acc = score() if score else None
-        history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "dev_accuracy": acc,
-                        "seconds": time.perf_counter() - t0})
-        if acc is None or acc > best:
-            best, best_epoch = (acc if acc is not None else best), epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
+
+    def score() -> tuple[float, None]:
+        return _accuracy(model, tokenizer, dev_texts, dev_targets, batch_size=64, max_length=max_length,
+                         device=dev_dev), None
+
+    dev_before = score()[0] if dev_texts else None
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adamw", schedule=schedule,
+                         warmup=warmup, weight_decay=0.01, seed=seed, device=str(dev_dev), amp="off")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+    sampler = DistributedSampler(range(len(texts)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    loader = DataLoader(range(len(texts)), batch_size=batch_size, sampler=sampler, collate_fn=list)
+
+    def batches(epoch: int) -> Iterator[tuple[list[int], int]]:
+        sampler.set_epoch(epoch)
+        for idx in loader:
+            yield idx, len(idx)
+
+    def loss_fn(idx: list[int]) -> torch.Tensor:
+        enc = hf.tokenize(tokenizer, [texts[j] for j in idx], max_length)
+        y = torch.tensor([targets[j] for j in idx], device=dev_dev)
+        logits = model(input_ids=enc["input_ids"].to(dev_dev), attention_mask=enc["attention_mask"].to(dev_dev)).logits
+        return F.cross_entropy(logits, y)
+
+    def step_done(epoch: int, step: int, steps: int, loss: float) -> None:
+        if on_step:
+            on_step(f"epoch {epoch}", step, steps, loss)
+
+    def epoch_done(record: EpochRecord) -> None:
+        if record.state is not None and is_main_process():
+            save_resume({**record.state, "dev_before": dev_before}, resume_path(out))
+
+    try:
+        result = run(model, loss_fn, batches, len(loader), config, score=score if dev_texts else None,
+                     signature={"train_size": len(texts)}, on_step=step_done, on_epoch=epoch_done, state=state)
+    except KeyboardInterrupt:
+        kept = saved_epoch(resume_path(out)) if is_main_process() else 0
+        if kept:
+            raise Interrupted(f"interrupted after epoch {kept}; resume with --resume") from None
+        raise Interrupted("interrupted; nothing written") from None
+    if state is not None:
+        dev_before = state.get("dev_before", dev_before)
+    history = [r.to_dict() for r in result.history]
     options = {"model": str(src), "train": str(train), "dev": str(dev) if dev else None, "epochs": epochs,
-               "batch_size": batch_size, "lr": lr, "max_length": max_length, "seed": seed}
-    hf.save(model.cpu(), out, like=src, inputs=[train] + ([dev] if dev else []), force=force,
-            extra_meta={"finetuned": {**options, "labels": labels.labels, "history": history}})
+               "batch_size": batch_size, "lr": lr, "max_length": max_length, "schedule": schedule, "seed": seed}
+    if is_main_process():
+        hf.save(model.cpu(), out, like=src, inputs=[train] + ([dev] if dev else []), force=force or resume,
+                extra_meta={"finetuned": {**options, "labels": labels.labels, "history": history}})
+        resume_path(out).unlink(missing_ok=True)
     return LabelledReport(str(src), str(train), str(dev) if dev else None, str(out), labels.labels, history,
-                          dev_before, best if score else None, best_epoch, str(dev_dev), time.perf_counter() - start,
-                          options)
+                          dev_before, result.best_dev_accuracy if dev_texts else None, result.best_epoch, str(dev_dev),
+                          time.perf_counter() - start, options)
 
 
 def evaluate_labelled(

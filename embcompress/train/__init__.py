@@ -1,4 +1,5 @@
-"""Training: learning-rate schedules (CLR, the paper's CALR, constant) and the fit/evaluate loop."""
+"""Training: learning-rate schedules (CLR, the paper's CALR, constant, warm-up + cosine) and the classifier's
+fit/evaluate on the one recovery loop (``embcompress.recover``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .loop import (
     resolve_device,
     seed_everything,
 )
-from .schedules import CALR, CLR, SCHEDULES, ConstantLR, make_schedule, triangular_lr
+from ..recover.schedules import CALR, CLR, SCHEDULES, ConstantLR, WarmupCosine, make_schedule, triangular_lr
 
 __all__ = [
     "CALR",
@@ -30,6 +31,7 @@ __all__ = [
     "EvalResult",
     "FitResult",
     "TrainConfig",
+    "WarmupCosine",
     "cleanup_distributed",
     "evaluate",
     "fit",

@@ -11,7 +11,6 @@ writes.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +18,16 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import check_finite_tensors, check_output, save_torch
+from ..checkpoint import check_finite_tensors, check_output
 from ..classifier import Classifier, load_classifier, num_parameters, save_classifier
 from ..data import LabelSet, Vocab, load_vectors, read_jsonl
-from ..errors import CheckpointError, InputError, Interrupted
+from ..errors import Interrupted
 from ..models import build_model, init_embedding
 from ..modules import compress_embeddings, factorized_shapes
+from ..recover.resume import load_resume as _load_resume
+from ..recover.resume import resume_path
+from ..recover.resume import save_resume as _save_resume
+from ..recover.resume import saved_epoch as _saved_epoch
 from .loop import EpochRecord, EvalResult, TrainConfig, evaluate, fit, is_main_process, resolve_device
 
 # Fine-tuning a factorized model starts from trained weights: a gentler peak rate and fewer epochs than training.
@@ -59,48 +62,6 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "data": self.data, "labels": self.labels, **self.result.to_dict()}
-
-
-def resume_path(output: Path) -> Path:
-    """Where the per-epoch resume state of a run writing ``output`` lives."""
-    return output.with_name(output.name + ".resume.pt")
-
-
-# field of a resume state -> the type it must have; anything else is a damaged or foreign file
-_RESUME_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "epoch": int, "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "best": dict,
-    "history": list, "signature": dict,
-}
-
-
-def _load_resume(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError(f"--resume: no saved state at {path} (it is written after each finished epoch)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable resume state ({str(e).splitlines()[0][:160]})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a resume state (holds a {type(state).__name__})")
-    for key, kind in _RESUME_FIELDS.items():
-        value = state.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool) or (key == "epoch" and value < 0):
-            raise CheckpointError(f"{path}: damaged resume state (field {key!r} is {value!r:.60}); delete it to "
-                                  "start over")
-    return state
-
-
-def _saved_epoch(path: Path) -> int:
-    """The epoch a resume state on disk continues from (0 when there is none or it cannot be read): what an
-    interrupted run tells the user to resume from."""
-    try:
-        return int(_load_resume(path)["epoch"]) if path.is_file() else 0
-    except InputError:
-        return 0
-
-
-def _save_resume(state: dict[str, Any], path: Path) -> None:
-    save_torch(state, path)
 
 
 def _fit_and_save(
