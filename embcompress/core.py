@@ -501,7 +501,7 @@ def _align(module: str, model: nn.Module, prefix: str) -> str | None:
 def placeholder_state(state: dict[str, torch.Tensor], entries: Mapping[str, Mapping[str, Any]],
                       where: str = "checkpoint") -> dict[str, Any]:
     """For loaders that need the dense table present (``from_pretrained``): each registry-form table's tensors
-    replaced by its dense weight; returns the tables rebuilt, by name, to swap in afterwards."""
+    replaced by a stand-in of its shape; returns the tables rebuilt, by name, to swap in afterwards."""
     built = {}
     for name, entry in entries.items():
         if not is_v2_entry(entry):
@@ -509,7 +509,7 @@ def placeholder_state(state: dict[str, torch.Tensor], entries: Mapping[str, Mapp
         module = name.removesuffix(".weight")
         mine = {k[len(module) + 1:]: state.pop(k) for k in list(state) if k.startswith(module + ".")}
         table = table_from_tensors(entry, mine, where)
-        with torch.no_grad():
-            state[name] = table.dense_weight().to(torch.float32)
+        # a stand-in of the right shape that holds one row of memory: the table is swapped in afterwards
+        state[name] = torch.zeros(1, table.embedding_dim).expand(table.num_embeddings, table.embedding_dim)
         built[name] = table
     return built
