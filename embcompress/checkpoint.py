@@ -413,13 +413,23 @@ def check_output(out: Path, inputs: list[Path], *, force: bool = False) -> None:
             raise OutputError(f"{out}: the output would be written inside the input folder {src}")
     _refuse_special(out)
     if out.exists() and not force:
-        raise OutputError(f"{out}: already exists; use --force to replace it")
+        raise OutputError(f"{out}: already exists; use --force to replace it, or -o {_free_name(out)} to keep it")
     parent = out.resolve().parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: output folder does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent}: output folder is not writable")
     remove_stale_temporaries(parent)
+
+
+def _free_name(out: Path) -> Path:
+    """The first of NAME-2, NAME-3 ... (before a file's suffix) beside ``out`` that does not exist."""
+    suffix = "" if out.is_dir() else out.suffix
+    stem = out.name.removesuffix(suffix) if suffix else out.name
+    n = 2
+    while (out.parent / f"{stem}-{n}{suffix}").exists():
+        n += 1
+    return out.parent / f"{stem}-{n}{suffix}"
 
 
 def temporary_name(out: Path) -> Path:

@@ -33,6 +33,7 @@ from .device import resolve_device
 from .errors import CheckpointError, InputError
 from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, MAX_BLOCKS, group_reduce
 from .modules import TiedFactorizedLinear, factor_specs, factorized_shapes
+from .ops.compress import option_tag
 from .quant import dequantized_state_dict, quant_meta
 from .rank import achieved_reduction, choose_rank
 from .record import COUNTED_METHODS, METHODS, factor_names, groups_name
@@ -95,13 +96,15 @@ class FactorizeResult:
         return d
 
 
-def output_tag(reduction: float | None, rank: int | None, energy: float | None) -> str:
-    """The suffix of a default output name: r90 for --reduction 0.9, k37 for --rank 37, e95 for --energy 0.95."""
-    if reduction is not None:
-        return f"r{round(reduction * 100):g}"
-    if rank is not None:
-        return f"k{rank}"
-    return f"e{round((energy or 0) * 100):g}"
+def output_tag(reduction: float | None, rank: int | None, energy: float | None, method: str = "exact",
+               options: dict[str, Any] | None = None) -> str:
+    """The suffix of a default output name: r90 for --reduction 0.9, k37 for --rank 37, e95 for --energy 0.95 with
+    the plain (exact) SVD; any other method leads (``groupreduce-r90``, ``randomized-k37``) and its options that
+    differ from their defaults follow (``groupreduce-r90-blocks4``), so no two methods or settings share a name."""
+    sizing = {"reduction": reduction, "rank": rank, "energy": energy}
+    defaults = {"smoothing": DEFAULT_SMOOTHING, "power": 1.0, "blocks": DEFAULT_BLOCKS, "rounds": DEFAULT_ROUNDS}
+    tag = option_tag({**sizing, **(options or {})}, defaults).removeprefix("-")
+    return tag if method == "exact" else f"{method}-{tag}"
 
 
 def factorize(
@@ -126,7 +129,8 @@ def factorize(
 
     Give exactly one of ``reduction`` (R in (0, 1); k by eq. 5), ``rank`` (k) or ``energy`` (the smallest k keeping
     that fraction of sum s_i^2). ``output`` defaults to ``model.r90.safetensors`` (or ``<folder>-r90``) beside the
-    input. ``force`` replaces an existing output and allows a rank at or above break-even. ``device`` runs the SVD
+    input, led by the method when it is not ``exact`` (``model.groupreduce-r90.safetensors``; :func:`output_tag`).
+    ``force`` replaces an existing output and allows a rank at or above break-even. ``device`` runs the SVD
     there (``auto``: CUDA where present); the factors are written from the CPU. ``method="weighted"`` needs
     ``counts`` (``embcompress.weighting``): each row is weighted by (count + ``smoothing``) ** ``weight_power``.
     ``method="groupreduce"`` (``embcompress.groupreduce``) uses the same weights and spends the parameters of
@@ -157,10 +161,13 @@ def factorize(
         if quantized is not None:
             raise InputError(f"{src}: the checkpoint is quantized ({quantized.get('bits')}-bit); factorize before "
                              "quantizing (factorize the float model, then quantize the result)")
-        out = Path(output) if output is not None else default_output(src, output_tag(reduction, rank, energy))
+        grouping = {"blocks": blocks, "rounds": rounds} if method == "groupreduce" else None
+        weighting_options = {"smoothing": smoothing, "power": weight_power} if counts is not None else {}
+        options = {**weighting_options, **(grouping or {})}
+        out = Path(output) if output is not None else default_output(
+            src, output_tag(reduction, rank, energy, method, options))
         check_output(out, [src], force=force)
         found = find_embeddings(ckpt, tables)
-        grouping = {"blocks": blocks, "rounds": rounds} if method == "groupreduce" else None
         tensors, results = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, dev, progress,
                                               weights, weighting, grouping)
         meta = _metadata(ckpt, results, tensors)

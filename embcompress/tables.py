@@ -5,8 +5,12 @@ A table is a 2-D floating tensor chosen either by name (a component such as ``wo
 shape alone (a tall table of at least 1024 rows). Each table carries the reason it was chosen.
 
 Ties (an output layer sharing the table) are found three ways: the same storage in a torch state dict, identical
-bytes in the file, or ``tie_word_embeddings`` in ``config.json`` for an output layer the file does not store. A
-tied group is factorized once.
+bytes in the file, or ``tie_word_embeddings`` in ``config.json`` for an output layer the file does not store. The
+last is reported (as tied by the config, not stored) only when the file holds the model with its head: the table
+sits under a base-model prefix (``transformer.wte``, ``model.embed_tokens``), another tensor of the head is stored
+(``cls.predictions.bias``, ``lm_head.dense.weight``), or an encoder-decoder stores its decoder (T5). A bare encoder
+saved with its pre-training config (sentence-transformers keep ``MPNetForMaskedLM``) has no output layer to tie.
+A tied group is factorized once.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ SHAPE_ONLY_ROWS_PER_COLUMN = 16  # without a name match: this much taller than w
 SHAPE_ONLY_MIN_ROWS = 1024  # ... and at least this many rows
 OUTPUT_LAYER_NAMES = ("lm_head.weight", "output.weight", "cls.predictions.decoder.weight", "decoder.weight")
 _HEAD_ARCHS = re.compile(r"(LMHead|ForCausalLM|ForMaskedLM|ForConditionalGeneration|ForPreTraining)")
+# Modules of output heads (BERT, RoBERTa/MPNet/GPT-2/T5, ALBERT, DistilBERT, ELECTRA): a stored tensor under one
+# of them shows the file holds the head.
+HEAD_MODULES = ("cls", "lm_head", "predictions", "vocab_projector", "vocab_transform", "generator_lm_head",
+                "generator_predictions")
+CONFIG_TIE = "tied by the config, not stored in the file"
 
 
 @dataclass
@@ -134,12 +143,34 @@ def _config_ties(ckpt: Checkpoint) -> bool:
 
 
 def _head_name(ckpt: Checkpoint) -> str:
-    """The output layer a config tie refers to: BERT's MLM decoder, else ``lm_head`` (GPT-2, T5, Llama ...)."""
+    """The output layer a config tie refers to: BERT's MLM decoder, RoBERTa/MPNet's ``lm_head.decoder``, else
+    ``lm_head`` (GPT-2, T5, Llama ...)."""
     config = ckpt.config or {}
     if any(str(a).startswith("Bert") and ("MaskedLM" in str(a) or "PreTraining" in str(a))
            for a in config.get("architectures") or []):
         return "cls.predictions.decoder.weight"
+    if any(name.startswith("lm_head.dense.") for name in ckpt.infos):
+        return "lm_head.decoder.weight"
     return "lm_head.weight"
+
+
+def _holds_head(ckpt: Checkpoint, table: str) -> bool:
+    """Whether the file is of the model with its output head (see the module docstring), so that a config tie
+    names a layer of this model rather than of the pre-training model the config was copied from."""
+    if any(name.split(".")[0] in HEAD_MODULES for name in ckpt.infos):
+        return True
+    first = table.split(".")[0]
+    if "." in table.removesuffix(".weight") and _name_match(first) is None:
+        return True  # transformer.wte.weight, model.embed_tokens.weight: a base model inside a head model
+    archs = (ckpt.config or {}).get("architectures") or []
+    return (any("ForConditionalGeneration" in str(a) for a in archs)
+            and any(name.split(".")[0] == "decoder" for name in ckpt.infos))
+
+
+def tie_label(name: str, how: str) -> str:
+    """A tied tensor's name as shown to the user: ``lm_head.weight (tied by the config, not stored in the file)``
+    when only the config ties it, else the name."""
+    return f"{name} ({how})" if how == CONFIG_TIE else name
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -210,12 +241,11 @@ def find_embeddings(ckpt: Checkpoint, tables: list[str] | None = None) -> list[E
                 claimed.add(other.name)
         claimed.add(info.name)
         chosen.append(table)
-    if _config_ties(ckpt) and chosen and not chosen[0].tied:
-        stored = [n for n in OUTPUT_LAYER_NAMES if n in ckpt.infos]
-        head = stored[0] if stored else _head_name(ckpt)
-        if not stored:
-            chosen[0].tied.append(head)
-            chosen[0].tie_reasons[head] = "config.json ties the output layer (not stored in the file)"
+    if (_config_ties(ckpt) and chosen and not chosen[0].tied and _holds_head(ckpt, chosen[0].name)
+            and not any(n in ckpt.infos for n in (*OUTPUT_LAYER_NAMES, _head_name(ckpt)))):
+        head = _head_name(ckpt)
+        chosen[0].tied.append(head)
+        chosen[0].tie_reasons[head] = CONFIG_TIE
     order = {name: i for i, name in enumerate(ckpt.infos)}
     chosen.sort(key=lambda t: order[t.name])
     return chosen

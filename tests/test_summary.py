@@ -33,3 +33,52 @@ def test_group_name() -> None:
     assert group_name("encoder.layer.3.attention.self.query.weight") == "encoder.layer.*"
     assert group_name("embeddings.word_embeddings.weight") == "embeddings"
     assert group_name("lm_head.weight") == "lm_head"
+
+
+def _table_file(path: Path, W: "torch.Tensor") -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"embedding.weight": W.contiguous()}, str(path))
+    return path
+
+
+def test_flat_spectrum_warns_low_bit_storage_beats_low_rank(tmp_path: Path) -> None:
+    import torch
+
+    W = torch.randn(2048, 64, generator=torch.Generator().manual_seed(0))  # nearly flat spectrum
+    path = _table_file(tmp_path / "flat.safetensors", W)
+    (table,) = inspect_checkpoint(path).tables
+    options = {o.storage: o for o in table.storage}
+    assert list(options) == ["int8", "lowbit4", "lowbit2"]
+    four = options["lowbit4"]
+    assert four.bytes == 2048 * (32 + 2 * 2 + 1) and four.fraction == pytest.approx(37 / 256)
+    assert four.rows_measured == 2048 and four.svd_rank == four.bytes // (4 * (2048 + 64))
+    # measured errors: finer codes lose less, and low rank at 4-bit bytes loses far more than 4-bit groups
+    assert options["int8"].rel_error < four.rel_error < options["lowbit2"].rel_error < 1
+    assert four.svd_rel_error > 2 * four.rel_error
+    assert four.svd_rel_error == pytest.approx((1 - four.svd_energy_kept) ** 0.5)
+    assert table.warning is not None and f"embcompress quantize {path} --bits 4" in table.warning
+    budget = float(table.warning.rsplit("--budget ", 1)[1].rstrip(")"))
+    assert four.fraction <= budget < four.fraction + 1e-4  # the budget suggested holds the 4-bit table
+
+
+def test_low_rank_table_gets_no_warning(tmp_path: Path) -> None:
+    from tests.builders import low_rank_table
+
+    path = _table_file(tmp_path / "lowrank.safetensors", low_rank_table(2048, 64, 4))
+    (table,) = inspect_checkpoint(path).tables
+    four = next(o for o in table.storage if o.storage == "lowbit4")
+    assert four.svd_rel_error < 2 * four.rel_error and table.warning is None
+
+
+def test_storage_measured_on_a_row_sample() -> None:
+    import torch
+
+    from embcompress.summary import storage_options
+
+    W = torch.randn(3000, 32, generator=torch.Generator().manual_seed(1))
+    full, sample = storage_options(W, lambda k: 0.0, 10**6), storage_options(W, lambda k: 0.0, 500)
+    assert [o.rows_measured for o in sample] == [500] * 3 and [o.rows_measured for o in full] == [3000] * 3
+    for a, b in zip(full, sample):
+        assert b.rel_error == pytest.approx(a.rel_error, rel=0.1) and a.bytes == b.bytes
+    assert all(o.svd_rel_error == 1.0 for o in full)  # energy_kept(k) = 0: nothing kept

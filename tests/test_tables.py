@@ -86,3 +86,33 @@ def test_small_named_table_is_not_replaced_by_a_tall_mlp_weight(tmp_path: Path) 
         with pytest.raises(TableError, match="embedding.weight .* too small"):
             find_embeddings(ckpt)
         assert [t.name for t in find_embeddings(ckpt, tables=["embedding.weight"])] == ["embedding.weight"]
+
+
+def _config_tied(tmp_path: Path, name: str, state_names: dict[str, tuple[int, ...]], arch: str) -> list:
+    import torch  # noqa: PLC0415
+
+    from tests.builders import low_rank_table, write_hf_folder  # noqa: PLC0415
+
+    state = {n: torch.randn(*shape) for n, shape in state_names.items()}
+    state[name] = low_rank_table(500, 16, 4)
+    folder = write_hf_folder(tmp_path / arch, state, {"model_type": "x", "architectures": [arch],
+                                                      "tie_word_embeddings": True})
+    with load_checkpoint(folder) as ckpt:
+        return find_embeddings(ckpt)
+
+
+def test_bare_encoder_with_pretraining_config_has_no_tie(tmp_path: Path) -> None:
+    # a sentence-transformers encoder keeps MPNetForMaskedLM in its config but stores no output layer
+    tables = _config_tied(tmp_path, "embeddings.word_embeddings.weight", {"pooler.dense.weight": (16, 16)},
+                          "MPNetForMaskedLM")
+    assert [t.name for t in tables] == ["embeddings.word_embeddings.weight"]
+    assert tables[0].tied == [] and tables[0].tie_reasons == {}
+
+
+def test_config_tie_kept_when_the_file_holds_the_head(tmp_path: Path) -> None:
+    from embcompress.tables import CONFIG_TIE  # noqa: PLC0415
+
+    tables = _config_tied(tmp_path, "mpnet.embeddings.word_embeddings.weight",
+                          {"lm_head.dense.weight": (16, 16), "lm_head.bias": (500,)}, "MPNetForMaskedLM")
+    assert tables[0].tie_reasons == {"lm_head.decoder.weight": CONFIG_TIE}
+    assert "not stored" in CONFIG_TIE

@@ -1,4 +1,6 @@
-"""``embcompress evaluate``: accuracy, macro-F1 and per-class figures of a classifier on a data file."""
+"""``embcompress evaluate``: how much a compressed model lost. A classifier: accuracy, macro-F1 and per-class
+figures on labelled examples. A Hugging Face encoder with ``--similarity-to``: the cosine of its sentence
+embeddings to the original's on any texts."""
 
 from __future__ import annotations
 
@@ -16,20 +18,27 @@ from ._render import console, err_console, pct, print_json, table
 
 EXAMPLES = """Examples:
 
+  A classifier (labelled JSON Lines: {"text": "...", "label": "pos"} a line):
+
   embcompress evaluate model.safetensors --data test.jsonl
 
   embcompress evaluate model.r90.ft.safetensors --data test.jsonl --json
 
-  embcompress evaluate minilm-r90-ft --similarity-to all-MiniLM-L6-v2 --data texts.txt   (Hugging Face encoders)
+  A Hugging Face encoder against the model it came from (any texts: .txt one a line, or .jsonl with "text"):
+
+  embcompress evaluate ./all-MiniLM-L6-v2-lowbit-4b --similarity-to ./all-MiniLM-L6-v2 --data texts.txt
 
   embcompress evaluate minilm-r90-ft --similarity-to all-MiniLM-L6-v2 --data test.jsonl --coverage-of train.txt
 """
 
 
 def evaluate(
-    model: Annotated[Path | None, typer.Argument(help="A classifier (dense, factorized or fine-tuned). Default: the "
+    model: Annotated[Path | None, typer.Argument(help="A classifier (dense, compressed or fine-tuned), or with "
+                     "--similarity-to a Hugging Face encoder folder (compressed or fine-tuned). Default: the "
                      "last model in the workspace record.", show_default=False)] = None,
-    data: Annotated[Path, typer.Option("--data", help="Examples to score, JSON Lines.")] = ...,
+    data: Annotated[Path, typer.Option("--data", help="For a classifier: labelled examples, JSON Lines ({\"text\", "
+                    "\"label\"} a line). With --similarity-to: texts, .txt (one a line) or .jsonl (\"text\"; labels "
+                    "ignored).")] = ...,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 512,
     device: DeviceOpt = "auto",
     json: JsonOpt = False,
@@ -43,7 +52,14 @@ def evaluate(
         "by how often each --data text's rarest token occurs in them (never, 1-2, 3-9, 10+ times).",
         show_default=False)] = None,
 ) -> None:
-    """Score a classifier: accuracy, macro-F1, precision/recall/F1 per class, and examples per second."""
+    """Measure what a compressed model lost, in one of two ways.
+
+    A classifier (or a Hugging Face sequence classifier) on labelled JSON Lines: accuracy, macro-F1,
+    precision/recall/F1 per class, and examples per second.
+
+    A Hugging Face encoder with --similarity-to ORIGINAL, on any texts (.txt one a line, or .jsonl): the mean and
+    worst cosine between its mean-pooled sentence embeddings and the original's.
+    """
     workspace.check_record()  # before any output: the entry must be writable afterwards
     model, recorded = workspace.take(model, "model", what="model")
     if recorded and not json:

@@ -12,6 +12,7 @@ from ..budget import rank_for_budget
 from ..errors import InputError
 from ..factorize import factorize as factorize_checkpoint
 from ..groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS
+from ..tables import tie_label
 from ..weighting import load_counts
 from ..train.loop import TrainConfig
 from ._options import CheckpointArg, DataOpt, DeviceOpt, DevOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
@@ -124,7 +125,8 @@ def factorize(
              "bytes after", "tied", "time"],
             [[t.name, shape(t.shape), t.rank, pct(t.reduction_requested) if t.reduction_requested else "-",
               pct(t.reduction_achieved), f"{t.rel_error:.4f}", pct(t.energy_kept, 2), human_bytes(t.bytes_before),
-              human_bytes(t.bytes_after), ", ".join(t.tied) or "-", f"{t.seconds:.2f} s"] for t in result.tables],
+              human_bytes(t.bytes_after), ", ".join(tie_label(n, how) for n, how in t.tied.items()) or "-",
+              f"{t.seconds:.2f} s"] for t in result.tables],
         )
     )
     console.print(

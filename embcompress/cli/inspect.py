@@ -32,7 +32,11 @@ def inspect(
 ) -> None:
     """Show the tensors by group, the embedding tables found, and the rank, bytes saved and spectral energy kept
     when each table is factorized at R = 50, 70 and 90 %, with the cost model: bytes and multiply-adds per token of
-    the dense, int8/fp16, factorized and factorized + quantized table, and the break-even ranks."""
+    the dense, int8/fp16, factorized and factorized + quantized table, and the break-even ranks.
+
+    Each table is also stored as int8 and in 4- and 2-bit groups of 32 (measured on up to 4096 rows), beside low
+    rank at the same bytes; when low rank's error is over twice 4-bit groups' at their bytes (a nearly flat
+    spectrum), a warning names the better choice and the command to run."""
     path, recorded = workspace.take(path, "model", what="checkpoint")
     if recorded:
         err_console.print(f"using {path} (the last model in the workspace record)")
@@ -85,6 +89,21 @@ def inspect(
     console.print("energy kept = sum of the top-k squared singular values / sum of all; rel. error = "
                   "||W - W_a W_b||_F / ||W||_F = sqrt(1 - energy kept)")
     _print_cost(report)
+    _print_storage(report)
+
+
+def _print_storage(report) -> None:
+    """Each table stored int8 or in 4/2-bit groups (measured) beside low rank at the same bytes; the warnings."""
+    rows = [[t.name, o.storage + (f" (groups of {o.group_size})" if o.group_size else " (per row)"),
+             human_bytes(o.bytes), pct(o.fraction), f"{o.rel_error:.4f}", o.rows_measured, o.svd_rank,
+             pct(o.svd_energy_kept, 2), f"{o.svd_rel_error:.4f}"] for t in report.tables for o in t.storage]
+    if rows:
+        console.print(table("Low-bit storage or low rank, at equal bytes",
+                            ["table", "storage", "bytes", "of float32", "rel. error", "rows measured", "SVD k",
+                             "SVD energy kept", "SVD rel. error"], rows, right={2, 3, 4, 5, 6, 7, 8}))
+    for t in report.tables:
+        if t.warning:
+            console.print(f"[yellow]warning: {t.warning}[/yellow]")
 
 
 def _print_cost(report) -> None:

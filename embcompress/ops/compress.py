@@ -6,6 +6,7 @@ checkpoint (a file, or a model folder with its config and tokenizer) with the ve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from .._version import __version__
 from ..checkpoint import META_KEY, check_finite, check_output, default_output, load_checkpoint, save_checkpoint
 from ..errors import InputError
 from ..methods.base import BudgetError
+from ..quant import TAGS as QUANTIZE_TAGS
 from ..quant import quant_meta
 from ..tables import find_embeddings
 from ..weighting import load_counts
@@ -85,16 +87,46 @@ class CompressResult:
                 "table_fraction": self.table_bytes_after / max(1, self.table_bytes_before)}
 
 
+SIZING_OPTIONS = ("reduction", "rank", "energy", "bits")  # always in a tag when given, default or not
+_TAG_FORMS = {"reduction": "r{:.4g}", "energy": "e{:.4g}", "rank": "k{}", "bits": "{}b", "group_size": "g{}"}
+
+
+def option_tag(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> str:
+    """The options of a default output name: the sizing ones given, then every other one that differs from its
+    default, in name order: ``-r90``, ``-4b-g64-scheme_sym-refine``, ``-blocks4-power0.5``. Two runs whose options
+    differ get different tags."""
+    defaults = defaults or {}
+    keys = [k for k in SIZING_OPTIONS if options.get(k) is not None]
+    keys += sorted(k for k, v in options.items()
+                   if k not in SIZING_OPTIONS and v is not None and (k not in defaults or defaults[k] != v))
+    parts = []
+    for key in keys:
+        value = options[key]
+        if key in ("reduction", "energy"):
+            value = 100 * value
+        if key in _TAG_FORMS:
+            part = _TAG_FORMS[key].format(value)
+        elif isinstance(value, bool):
+            part = key if value else f"no_{key}"
+        else:
+            part = f"{key}{value:.4g}" if isinstance(value, float) else f"{key}{value}" if isinstance(
+                value, int) else f"{key}_{value}"
+        parts.append(re.sub(r"[^A-Za-z0-9._]+", "_", part))
+    return "".join(f"-{p}" for p in parts)
+
+
 def output_tag(method: str, budget: int | None, float32_bytes: int, options: Mapping[str, Any]) -> str:
-    """The default output's tag: the method and what sizes it (``pq-b0.05``, ``lowbit-4b``, ``svd-k64``)."""
-    name = method.replace("+", "-")
-    if budget is not None:
-        return f"{name}-b{budget / float32_bytes:.3g}"
-    bits = options.get("bits")
-    rank = options.get("rank")
-    red = options.get("reduction")
-    extra = f"-{bits}b" if bits else f"-k{rank}" if rank else f"-r{round(100 * red)}" if red else ""
-    return f"{name}{extra}"
+    """The default output's tag: the method, its budget and its options (``pq-b0.05``, ``lowbit-4b-g64``,
+    ``svd-k64``), so that no two methods or settings share a name. A storage alone that ``quantize`` also names
+    (``int8``, ``fp16``: every weight there, only the tables here) gets ``-tables``."""
+    defaults: dict[str, Any] = {}
+    for part in core.parse_method(method):
+        if part is not None:
+            defaults.update({f.name: f.default for f in dataclasses.fields(part.config)
+                             if f.default is not dataclasses.MISSING})
+    sizing = "" if budget is None else f"-b{budget / float32_bytes:.4g}"
+    tag = f"{method.replace('+', '-')}{sizing}{option_tag(options, defaults)}"
+    return f"{tag}-tables" if tag in QUANTIZE_TAGS.values() else tag
 
 
 def compress(

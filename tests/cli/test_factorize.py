@@ -206,3 +206,39 @@ def test_groupreduce_from_counts(capsys, dan_file: Path, tmp_path: Path) -> None
                        "0", "--counts", counts, "-o", tmp_path / "x.safetensors")
     assert code == 2 and "--blocks" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_default_names_differ_by_method_and_exists_names_another(capsys, dan_file: Path, tmp_path: Path) -> None:
+    counts = tmp_path / "counts.txt"
+    counts.write_text("\n".join(str(1000 // (i + 1)) for i in range(600)) + "\n")
+    code, out, err = run(capsys, "factorize", dan_file, "-r", "0.5", "--json")
+    assert code == 0, err
+    assert json.loads(out)["output"] == str(dan_file.parent / "dan.r50.safetensors")
+    outputs = {"exact": dan_file.parent / "dan.r50.safetensors"}
+    for method, extra in [("groupreduce", ["--counts", counts]), ("weighted", ["--counts", counts]),
+                          ("randomized", []), ("groupreduce", ["--counts", counts, "--blocks", "3"])]:
+        code, out, err = run(capsys, "factorize", dan_file, "-r", "0.5", "--method", method, *extra, "--json")
+        assert code == 0, err
+        outputs[f"{method} {extra[2:]}"] = Path(json.loads(out)["output"])
+    assert len(set(outputs.values())) == len(outputs) and all(p.exists() for p in outputs.values())
+    assert outputs["groupreduce []"].name == "dan.groupreduce-r50.safetensors"
+    assert outputs["groupreduce ['--blocks', '3']"].name == "dan.groupreduce-r50-blocks3.safetensors"
+    code, _, err = run(capsys, "factorize", dan_file, "-r", "0.5", "--method", "groupreduce", "--counts", counts)
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    free = dan_file.parent / "dan.groupreduce-r50-2.safetensors"
+    assert "already exists; use --force" in err and f"-o {free}" in err
+
+
+def test_unstored_config_tie_is_not_reported_as_stored(capsys, tmp_path: Path) -> None:
+    from tests.builders import low_rank_table, write_hf_folder
+
+    bare = write_hf_folder(tmp_path / "encoder", {"embeddings.word_embeddings.weight": low_rank_table(500, 16, 4)},
+                           {"model_type": "mpnet", "architectures": ["MPNetForMaskedLM"], "tie_word_embeddings": True})
+    code, out, err = run(capsys, "factorize", bare, "-r", "0.5")
+    assert code == 0, err
+    assert "lm_head" not in out
+    gpt2 = write_hf_folder(tmp_path / "gpt2", {"transformer.wte.weight": low_rank_table(500, 16, 4)},
+                           {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    code, out, err = run(capsys, "factorize", gpt2, "-r", "0.5")
+    assert code == 0, err
+    assert "lm_head.weight (tied by the config, not stored in the file)" in " ".join(out.split())
