@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from embcompress import distill, hf  # noqa: E402
 from embcompress.checkpoint import load_checkpoint  # noqa: E402
 from embcompress.cli.main import main  # noqa: E402
-from embcompress.errors import DataError, InputError  # noqa: E402
+from embcompress.errors import DataError, InputError, Interrupted  # noqa: E402
 from embcompress.factorize import factorize  # noqa: E402
 from embcompress.groupreduce import group_reduce  # noqa: E402
 from embcompress.modules import FactorizedEmbedding, GroupedFactorizedEmbedding  # noqa: E402
@@ -291,3 +291,110 @@ def test_vocab_phase_config_errors() -> None:
         distill.DistillConfig(vocab_steps=-1).validate()
     with pytest.raises(InputError, match="vocab_rate"):
         distill.DistillConfig(vocab_rate=0.0).validate()
+
+
+def test_trimmed_student_against_its_original(pair: dict[str, Path], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A trimmed model has another vocabulary: evaluate --similarity-to and finetune --teacher read the texts with
+    each model's own tokenizer (they used to refuse: "differ in vocab_size")."""
+    trimmed = tmp_path / "trim"
+    assert main(["trim", str(pair["teacher"]), "--corpus", str(pair["train"]), "-o", str(trimmed), "--json"]) == 0
+    capsys.readouterr()
+    assert json.loads((trimmed / "config.json").read_text())["vocab_size"] < 300
+    code = main(["evaluate", str(trimmed), "--similarity-to", str(pair["teacher"]), "--data", str(pair["train"]),
+                 "--device", "cpu", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["mean"] > 0.99999  # the same pieces, the same rows: the same embeddings
+    factorize(trimmed, rank=4, output=tmp_path / "trim-k4")
+    out = tmp_path / "trim-k4-ft"
+    code = main(["finetune", str(tmp_path / "trim-k4"), "--teacher", str(pair["teacher"]), "--data", str(pair["train"]),
+                 "--dev", str(pair["dev"]), "--steps", "20", "--layers", "1", "--batch-size", "8", "--lr", "5e-3",
+                 "--device", "cpu", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # said before training: how long, measured here; and plain progress lines, stderr being no terminal
+    assert "about " in captured.err and "min for 20 steps on cpu (measured on the first steps)" in captured.err
+    assert "--device cuda" in captured.err
+    assert "layer phase: step 20/20" in captured.err and "sentence-level loss only" not in captured.err
+    before = distill.similarity_to(tmp_path / "trim-k4", pair["teacher"], pair["dev"], device="cpu")
+    after = distill.similarity_to(out, pair["teacher"], pair["dev"], device="cpu")
+    assert after.mean > before.mean + 0.02
+
+
+def test_tokenizers_cutting_texts_differently_use_the_sentence_loss_only(pair: dict[str, Path]) -> None:
+    words = transformers.BertTokenizer(vocab={**vocab_without_film(), "fi": 9, "##lm": 299})
+    student, teacher = hf.load(pair["student"]), hf.load(pair["teacher"])
+    tok = hf.load_tokenizer(pair["student"])
+    pairing = distill.pair_tokenizers(tok, words, ["the film", "a movie"], 32)
+    assert not pairing.tokens and pairing.differ == 1
+    assert distill.pair_tokenizers(tok, tok, ["the film"], 32).tokenizer is None
+    notes: list[str] = []
+    config = distill.DistillConfig(steps=3, layers=1, vocab_steps=2, batch_size=4, device="cpu")
+    phases = distill.distill_model(student, teacher, tok, ["the film is good", "a bad movie"], config,
+                                   teacher_tokenizer=words, on_note=notes.append)
+    assert [p["phase"] for p in phases] == ["sentence"] and len(notes) == 1
+    assert "1 of 2 texts" in notes[0] and "sentence-level loss only" in notes[0]
+
+
+def vocab_without_film() -> dict[str, int]:
+    from tests.test_hf import vocab
+
+    v = vocab()
+    film = v.pop("film")
+    return {t: i for t, i in v.items() if i not in (film, 299)}
+
+
+def test_distill_resumes_after_an_interruption(pair: dict[str, Path], tmp_path: Path) -> None:
+    config = distill.DistillConfig(steps=7, layers=1, vocab_steps=4, batch_size=8, lr=5e-3, save_every=3,
+                                   device="cpu")
+    straight = distill.distill(pair["student"], pair["teacher"], pair["train"], tmp_path / "a", config=config)
+
+    def stop(phase: str, step: int, total: int, loss: float) -> None:
+        if phase == "vocab" and step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="resume with --resume"):
+        distill.distill(pair["student"], pair["teacher"], pair["train"], tmp_path / "b", config=config, on_step=stop)
+    assert (tmp_path / "b.resume.pt").exists() and not (tmp_path / "b").exists()
+    resumed = distill.distill(pair["student"], pair["teacher"], pair["train"], tmp_path / "b", config=config,
+                              resume=True)
+    assert resumed.resumed_from_step == 7 and not (tmp_path / "b.resume.pt").exists()
+    assert [p["loss_first"] for p in resumed.phases] == [p["loss_first"] for p in straight.phases]
+    a, b = hf.load(straight.output).state_dict(), hf.load(resumed.output).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="cannot resume"):
+        _resume_other(pair, tmp_path)
+
+
+def _resume_other(pair: dict[str, Path], tmp_path: Path) -> None:
+    """Interrupt a run, then resume it with other steps: refused."""
+    config = distill.DistillConfig(steps=4, layers=1, batch_size=8, save_every=2, device="cpu")
+
+    def stop(phase: str, step: int, total: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        distill.distill(pair["student"], pair["teacher"], pair["train"], tmp_path / "d", config=config, on_step=stop)
+    distill.distill(pair["student"], pair["teacher"], pair["train"], tmp_path / "d", resume=True,
+                    config=distill.DistillConfig(steps=5, layers=1, batch_size=8, save_every=2, device="cpu"))
+
+
+def test_torchrun_two_cpu_processes_distil(pair: dict[str, Path], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EMBCOMPRESS_WORKSPACE": "off"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "embcompress.cli.main", "finetune", str(pair["student"]), "--teacher", str(pair["teacher"]),
+         "--data", str(pair["train"]), "--steps", "4", "--layers", "1", "--batch-size", "8", "--device", "cpu",
+         "-o", str(tmp_path / "ddp"), "--json"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)  # only rank 0 prints and writes
+    assert [(p["phase"], p["steps"]) for p in report["phases"]] == [("layer", 4)]
+    assert hf.load(tmp_path / "ddp") is not None and not list(tmp_path.glob("*.resume.pt"))

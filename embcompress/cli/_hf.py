@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,16 +12,38 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import workspace
 from ..errors import InputError
+from ..recover.loop import cleanup_distributed, init_distributed_from_env, is_main_process
 from ._progress import spinner
 from ._render import console, err_console, human_bytes, print_json, table
 
 PARITY_TEXT_LIMIT = 32  # texts of --data used for the ONNX parity check
+PLAIN_EVERY_SECONDS = 30.0  # a progress line at least this often when stderr is not a terminal
 
 
 @contextmanager
 def _progress(show: bool) -> Iterator:
-    if not show:
+    """A step callback ``(phase, step, total, loss)`` drawing progress on stderr: a live bar on a terminal, else
+    (output sent to a file) a plain line every tenth of a phase or every 30 s; None when not shown or not rank 0."""
+    if not show or not is_main_process():
         yield None
+        return
+    if not err_console.is_terminal:
+        last = [time.monotonic(), time.monotonic()]  # (last line, phase start)
+
+        def plain(phase: str, step: int, total: int, loss: float) -> None:
+            now = time.monotonic()
+            if step == 1:
+                last[1] = now
+            every = max(1, total // 10)
+            if step % every and step != total and now - last[0] < PLAIN_EVERY_SECONDS:
+                return
+            last[0] = now
+            elapsed = now - last[1]
+            left = elapsed / step * (total - step)
+            err_console.print(f"{phase} phase: step {step}/{total}, loss {loss:.4f}, {elapsed / 60:.1f} min elapsed, "
+                              f"about {left / 60:.1f} min left", soft_wrap=True)
+
+        yield plain
         return
     progress = Progress(TextColumn("{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), console=err_console,
@@ -42,6 +65,26 @@ def _progress(show: bool) -> Iterator:
     finally:
         if started:
             progress.stop()
+
+
+@contextmanager
+def _distributed() -> Iterator[bool]:
+    """torchrun's process group around a command (as ``train`` has it); yields whether this rank prints and
+    records (rank 0, or no torchrun)."""
+    distributed = init_distributed_from_env()
+    main_process = is_main_process()
+    try:
+        yield main_process
+    finally:
+        if distributed:
+            cleanup_distributed()
+
+
+def _note(json: bool) -> Callable[[str], None] | None:
+    """Lines the library says before and while it runs (estimates, changes a student forces), on stderr."""
+    if json or not is_main_process():
+        return None
+    return lambda line: err_console.print(line, soft_wrap=True)
 
 
 def default_distill_output(model: Path) -> Path:
@@ -69,8 +112,11 @@ def finetune_distill(
     device: str,
     force: bool,
     json: bool,
+    schedule: str | None = None,
+    resume: bool = False,
 ) -> None:
-    """``embcompress finetune MODEL --teacher ORIGINAL --data texts``: distil, write, record, report."""
+    """``embcompress finetune MODEL --teacher ORIGINAL --data texts``: distil, write, record, report. Says first how
+    long it will take (measured), and under torchrun only rank 0 prints and records."""
     from ..distill import DistillConfig, distill
 
     defaults = DistillConfig()
@@ -84,12 +130,16 @@ def finetune_distill(
         batch_size=batch_size or defaults.batch_size,
         lr=lr or defaults.lr,
         max_length=max_length or defaults.max_length,
+        schedule=schedule or defaults.schedule,
         seed=seed,
         device=device,
     )
     out = output or default_distill_output(model)
-    with _progress(not json) as on_step:
-        report = distill(model, teacher, data, out, config=config, dev_path=dev, force=force, on_step=on_step)
+    with _distributed() as main_process, _progress(not json) as on_step:
+        report = distill(model, teacher, data, out, config=config, dev_path=dev, force=force, resume=resume,
+                         on_step=on_step, on_note=_note(json), estimate=not json)
+    if not main_process:
+        return
     figures = {"texts": report.texts, "steps": sum(p["steps"] for p in report.phases), "seconds": report.seconds}
     if report.before:
         figures.update(dev_cosine_before=report.before["mean"], dev_cosine_after=report.after["mean"],
@@ -145,16 +195,19 @@ def evaluate_similarity(model: Path, original: Path, data: Path, *, batch_size: 
 
 def finetune_labels(model: Path, data: Path, dev: Path | None, output: Path | None, *, epochs: int | None,
                     batch_size: int | None, lr: float | None, max_length: int | None, seed: int, device: str,
-                    force: bool, json: bool) -> None:
+                    force: bool, json: bool, schedule: str | None = None, resume: bool = False) -> None:
     """``embcompress finetune HF_FOLDER --data train.jsonl [--dev dev.jsonl]``: a sequence-classification head."""
     from ..distill import finetune_labelled
     from ..hf import DEFAULT_MAX_LENGTH
 
     out = output or default_distill_output(model)
-    with _progress(not json) as on_step:
+    with _distributed() as main_process, _progress(not json) as on_step:
         report = finetune_labelled(model, data, dev, out, epochs=epochs or 3, batch_size=batch_size or 32,
-                                   lr=lr or 5e-5, max_length=max_length or DEFAULT_MAX_LENGTH, seed=seed,
-                                   device=device, force=force, on_step=on_step)
+                                   lr=lr or 5e-5, max_length=max_length or DEFAULT_MAX_LENGTH,
+                                   schedule=schedule or "warmup-cosine", seed=seed, device=device, force=force,
+                                   resume=resume, on_step=on_step)
+    if not main_process:
+        return
     workspace.record("finetune", options=report.options,
                      inputs=[("model", model), ("train", data)] + ([("dev", dev)] if dev else []),
                      outputs=[("model", Path(report.output))],

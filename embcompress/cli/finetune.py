@@ -24,7 +24,6 @@ from ._options import (
     OptimizerOpt,
     OutputOpt,
     ResumeOpt,
-    ScheduleOpt,
     SeedOpt,
     WeightDecayOpt,
 )
@@ -42,6 +41,10 @@ EXAMPLES = """Examples:
   embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt --dev dev.txt   (no labels)
 
   embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt --steps 1200 --vocab-steps 600
+
+  embcompress finetune minilm-trim --teacher all-MiniLM-L6-v2 --data texts.txt   (a trimmed student: its own tokenizer)
+
+  torchrun --standalone --nproc_per_node 2 --no-python embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt
 """
 
 
@@ -55,7 +58,10 @@ def finetune(
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
     optimizer: OptimizerOpt = "adam",
-    schedule: ScheduleOpt = "calr",
+    schedule: Annotated[str | None, typer.Option(
+        "--schedule", help="calr (the paper's cyclically annealed LR, the default for classifiers), clr (triangular), "
+        "constant, or warmup-cosine (the default for Hugging Face models, with --teacher or labels).",
+        show_default=False)] = None,
     weight_decay: WeightDecayOpt = 1e-5,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
@@ -104,13 +110,13 @@ def finetune(
         finetune_distill(model, teacher, data, dev, output, steps=steps, sentence_steps=sentence_steps,
                          vocab_steps=vocab_steps, layers=layers, loss=loss, vocab_mix=vocab_mix,
                          batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, device=device, force=force,
-                         json=json)
+                         json=json, schedule=schedule, resume=resume)
         return
     if model is not None and data is not None and is_hf_folder(model):  # labelled: a sequence-classification head
         from ._hf import finetune_labels
 
         finetune_labels(model, data, dev, output, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
-                        seed=seed, device=device, force=force, json=json)
+                        seed=seed, device=device, force=force, json=json, schedule=schedule, resume=resume)
         return
     if data is None:
         data, _ = workspace.take(None, "train", what="--data", side="inputs")
@@ -124,7 +130,7 @@ def finetune(
         err_console.print("from the workspace record: " + ", ".join(taken))
     out = output or default_output(model, "ft").with_suffix(".safetensors")
     config = TrainConfig(epochs=epochs or FINETUNE_DEFAULTS["epochs"], batch_size=batch_size or 64,
-                         lr=lr or FINETUNE_DEFAULTS["lr"], optimizer=optimizer, schedule=schedule,
+                         lr=lr or FINETUNE_DEFAULTS["lr"], optimizer=optimizer, schedule=schedule or "calr",
                          weight_decay=weight_decay, seed=seed, device=device)
     report, main_process = run_training(
         lambda on_step, on_epoch: finetune_classifier(model, data, dev, out, config=config, force=force, resume=resume,

@@ -86,7 +86,7 @@ def test_every_param_group_gets_the_rate() -> None:
     assert len({g["lr"] for g in sched.optimizer.param_groups}) == 1
 
 
-@pytest.mark.parametrize("name", ["calr", "clr", "constant"])
+@pytest.mark.parametrize("name", ["calr", "clr", "constant", "warmup-cosine"])
 def test_state_dict_round_trip_resumes_exactly(name: str) -> None:
     straight = run(make_schedule(name, optimizer(), steps_per_epoch=6, lr_lb=0.05, decay=-0.9), 40)
     first = make_schedule(name, optimizer(), steps_per_epoch=6, lr_lb=0.05, decay=-0.9)
