@@ -33,7 +33,7 @@ def _progress(show: bool) -> Iterator:
         def plain(phase: str, step: int, total: int, loss: float) -> None:
             now = time.monotonic()
             if step == 1:
-                last[1] = now
+                last[0] = last[1] = now  # the clock starts with the phase's first step
             every = max(1, total // 10)
             if step % every and step != total and now - last[0] < PLAIN_EVERY_SECONDS:
                 return
