@@ -14,8 +14,7 @@
 * ``factorize_model`` / ``densify`` swap tables in memory (the dense model rebuilt from W_a W_b is ``densify``'s).
 * ``embed`` gives mean-pooled sentence embeddings (the all-MiniLM / sentence-transformers pooling);
   ``similarity`` compares two models' embeddings text by text.
-* ``export_onnx`` writes an encoder as ONNX (``input_ids``, ``attention_mask`` -> ``last_hidden_state``,
-  ``sentence_embedding``) and checks it in onnxruntime.
+* The ONNX export of an encoder lives in ``embcompress.export`` (``export.transformers``).
 """
 
 from __future__ import annotations
@@ -23,13 +22,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import io
 import json
-import logging
 import os
 import re
-import shutil
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,12 +41,10 @@ from .checkpoint import (
     FORMAT_VERSION,
     META_KEY,
     atomic_path,
-    check_finite_tensors,
     check_output,
     copy_folder_files,
     load_checkpoint,
     save_safetensors,
-    temporary_folder,
 )
 from .errors import CheckpointError, DataError, DependencyError, InputError, TableError
 from . import core
@@ -661,193 +654,3 @@ def read_texts(path: str | os.PathLike[str], *, limit: int | None = None) -> lis
     if not texts:
         raise DataError(f"{p}: holds no texts (an empty file or only blank lines)")
     return texts
-
-
-# --- ONNX export ----------------------------------------------------------------------------------------------
-
-ONNX_INPUTS = ("input_ids", "attention_mask")
-ONNX_OUTPUTS = ("last_hidden_state", "sentence_embedding")
-INT8_MIN_COSINE = 0.95  # int8 parity: the worst cosine to torch's sentence embeddings (MiniLM at R = 90 %: 0.98)
-LATENCY_REPEATS = 100  # timed onnxruntime calls of one sentence; the latency is their median
-
-
-class _EncoderGraph(nn.Module):
-    """(input_ids, attention_mask) -> (last_hidden_state, mean-pooled sentence_embedding)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.encoder = encoder_of(model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return hidden, mean_pool(hidden, attention_mask)
-
-
-@dataclass
-class OnnxExport:
-    """What ``export_onnx`` wrote and how well onnxruntime agrees with torch."""
-
-    input: str
-    output: str
-    bytes: int
-    opset: int
-    quantize: str | None
-    max_abs_diff_hidden: float
-    max_abs_diff_embedding: float
-    min_cosine: float
-    parity_texts: int
-    latency_ms: float | None
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-PARITY_TEXTS = [
-    "a",
-    "The quick brown fox jumps over the lazy dog.",
-    "Low-rank factorization shrinks the token-embedding table of a text model.",
-    "one long string of cliches .",
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
-    "of a wife.",
-    "Zero-shot, multilingual: naïve café façade; emojis 🙂 and numbers 3.14159.",
-]
-
-
-def export_onnx(
-    folder: str | os.PathLike[str],
-    output: str | os.PathLike[str] | None = None,
-    *,
-    opset: int = 17,
-    quantize: str | None = None,
-    texts: list[str] | None = None,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    force: bool = False,
-    threads: int | None = None,
-    tolerance: float | None = None,
-) -> OnnxExport:
-    """Export a Hugging Face encoder (factorized or not) to ONNX and check it against torch in onnxruntime.
-
-    The graph takes ``input_ids`` and ``attention_mask`` (int64, batch x seq, both axes dynamic) and returns
-    ``last_hidden_state`` (batch x seq x d) and ``sentence_embedding`` (the mean over the attended tokens). A
-    factorized table is exported as two steps (a Gather from W_a, a MatMul by W_b), so the file stays small.
-    ``quantize="int8"`` applies onnxruntime dynamic quantization to the weights. Parity: the texts (or a built-in
-    set) in one padded batch and one at a time; the export is refused when the sentence embeddings differ by more
-    than ``tolerance`` (1e-4 for float32) or, for int8, when a cosine to torch's falls below
-    ``INT8_MIN_COSINE``.
-    """
-    from . import runtime
-
-    start = time.perf_counter()
-    src = Path(folder)
-    out = Path(output) if output is not None else src.parent / f"{src.name}{'.int8' if quantize else ''}.onnx"
-    if quantize not in (None, "int8"):
-        raise InputError(f"--quantize must be int8 for a Hugging Face model, got {quantize!r}")
-    check_output(out, [src], force=force)
-    ort = runtime.import_onnxruntime()
-    model = load(src, task="base")
-    check_finite_tensors(model.named_parameters(), action="export it")
-    tokenizer = load_tokenizer(src)
-    graph = _EncoderGraph(model).eval()
-    example = tokenize(tokenizer, ["embcompress export", "a longer second example sentence"], max_length)
-
-    with atomic_path(out) as tmp, temporary_folder(out) as work:
-        fp32 = Path(work) / "fp32.onnx"
-        with _quiet_export(), torch.no_grad():
-            torch.onnx.export(
-                graph, (example["input_ids"], example["attention_mask"]), str(fp32),
-                input_names=list(ONNX_INPUTS), output_names=list(ONNX_OUTPUTS),
-                dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                              "last_hidden_state": {0: "batch", 1: "seq"}, "sentence_embedding": {0: "batch"}},
-                opset_version=opset, do_constant_folding=True, dynamo=False,
-            )
-        if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            pre = Path(work) / "pre.onnx"
-            with _quiet_export():
-                # symbolic shape inference fails on BERT's attention-mask arithmetic; ONNX's own shape
-                # inference (the TorchScript exporter's graphs carry shapes) and the optimisation still run
-                quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-                # per-channel weights: per-tensor scales cost MiniLM's sentence embeddings a cosine of ~0.2
-                quantize_dynamic(str(pre), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                                 op_types_to_quantize=["Gather", "MatMul", "Gemm"])
-        else:
-            shutil.copyfile(fp32, tmp)
-        _add_onnx_metadata(tmp, src, model)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
-        parity = list(texts or PARITY_TEXTS)
-        d_hidden, d_emb, min_cos = _onnx_parity(session, graph, tokenizer, parity, max_length)
-        tol = tolerance if tolerance is not None else (1e-4 if quantize is None else None)
-        if tol is not None and d_emb > tol:
-            raise InputError(f"ONNX parity failed: sentence embeddings differ by {d_emb:.2e} (> {tol:g}); "
-                             "nothing was written")
-        if quantize is not None and min_cos < INT8_MIN_COSINE:
-            raise InputError(f"ONNX parity failed: int8 cosine to torch {min_cos:.4f} < {INT8_MIN_COSINE}; nothing "
-                             "was written")
-        latency = _latency(session, tokenizer, parity, max_length)
-    return OnnxExport(str(src), str(out), out.stat().st_size, opset, quantize, d_hidden, d_emb, min_cos,
-                      len(parity), latency, time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _add_onnx_metadata(path: Path, src: Path, model: nn.Module) -> None:
-    import onnx
-
-    m = onnx.load(str(path))
-    m.producer_name = "embcompress"
-    m.producer_version = __version__
-    tables = {k: {"shape": list(v["shape"]), "rank": v["rank"]} for k, v in factorized_tables(model).items()}
-    for key, value in {"embcompress.source": src.name, "embcompress.inputs": ",".join(ONNX_INPUTS),
-                       "embcompress.outputs": ",".join(ONNX_OUTPUTS), "embcompress.pooling": "mean",
-                       "embcompress.tables": json.dumps(tables)}.items():
-        entry = m.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(m, str(path))
-
-
-def _onnx_parity(session: Any, graph: nn.Module, tokenizer: Any, texts: list[str],
-                 max_length: int) -> tuple[float, float, float]:
-    d_hidden = d_emb = 0.0
-    min_cos = 1.0
-    batches = [texts] + [[t] for t in texts]
-    for chunk in batches:
-        enc = tokenize(tokenizer, chunk, max_length)
-        with torch.no_grad():
-            hidden, emb = graph(enc["input_ids"], enc["attention_mask"])
-        o_hidden, o_emb = session.run(list(ONNX_OUTPUTS), {k: enc[k].numpy() for k in ONNX_INPUTS})
-        mask = enc["attention_mask"].bool()
-        d_hidden = max(d_hidden, float((torch.from_numpy(o_hidden) - hidden)[mask].abs().max()))
-        d_emb = max(d_emb, float((torch.from_numpy(o_emb) - emb).abs().max()))
-        min_cos = min(min_cos, float(F.cosine_similarity(torch.from_numpy(o_emb).double(), emb.double()).min()))
-    return d_hidden, d_emb, min_cos
-
-
-def _latency(session: Any, tokenizer: Any, texts: list[str], max_length: int,
-             repeats: int = LATENCY_REPEATS) -> float:
-    """Median milliseconds of one onnxruntime call on one sentence."""
-    enc = tokenize(tokenizer, [texts[2 % len(texts)]], max_length)
-    feed = {k: enc[k].numpy() for k in ONNX_INPUTS}
-    session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from embcompress import load_checkpoint, workspace
 from embcompress.cli.main import main as cli
-from embcompress.hf import LATENCY_REPEATS
+from embcompress.export import LATENCY_REPEATS
 
 TABLE = "embeddings.word_embeddings.weight"
 TEXTS = Path(__file__).resolve().parent / "texts"

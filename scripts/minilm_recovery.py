@@ -9,7 +9,7 @@ counted on each run's recovery texts), then recover it without labels
   (mean, worst, 5th percentile), before and after recovery;
 * SST-2 linear-probe accuracy: logistic regression on the frozen, L2-normalised sentence embeddings, trained on
   SST-2 train and scored on SST-2 test (the L2 penalty picked on SST-2 dev), against the original's;
-* ONNX (``embcompress.hf.export_onnx``) file size and latency of one sentence on one thread, float32 and int8;
+* ONNX (``embcompress.export.export_onnx``) file size and latency of one sentence on one thread, float32 and int8;
 * how the cosine grows with recovery steps (evaluated on 400 SST-2 dev sentences every ``--eval-every`` steps) and
   with the amount of text (``--sizes``), for two recovery sets: the SST-2 training sentences without their labels
   (in-domain) and the project's shipped ``examples/texts/stdlib.txt`` (Python's docstrings, out-of-domain).
@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embcompress import distill, hf, load_checkpoint  # noqa: E402
+from embcompress.export import export_onnx  # noqa: E402
 from embcompress.factorize import factorize  # noqa: E402
 from embcompress.quant import quantize  # noqa: E402
 from embcompress.weighting import count_corpus  # noqa: E402
@@ -382,7 +383,7 @@ def onnx_latency(original: Path, recovered: Path, work: Path) -> dict[str, Any]:
     log("exporting ONNX")
     out = {}
     for tag, folder, q in (("original", original, None), ("r90", recovered, None), ("r90-int8", recovered, "int8")):
-        r = hf.export_onnx(folder, work / f"{tag}.onnx", quantize=q, force=True, threads=1)
+        r = export_onnx(folder, work / f"{tag}.onnx", quantize=q, force=True, threads=1)
         out[tag] = {"bytes": r.bytes, "latency_ms": r.latency_ms, "min_cosine": r.min_cosine,
                     "max_abs_diff_embedding": r.max_abs_diff_embedding}
         log(f"  {tag}: {r.bytes / 1e6:.1f} MB, {r.latency_ms:.1f} ms")

@@ -149,19 +149,26 @@ def test_int8_and_fp16_report_agreement(models, tmp_path: Path, name: str) -> No
     fp32 = _export(models[name], tmp_path / "f32.onnx")
     q = _export(models[name], tmp_path / "q.onnx", quantize="int8")
     h = _export(models[name], tmp_path / "h.onnx", quantize="fp16")
-    for report in (q, h):
+    q4 = _export(models[name], tmp_path / "q4.onnx", quantize="int4")
+    for report in (q, h, q4):
         onnx.checker.check_model(str(report.output))
         assert report.parity.fp32_max_abs_diff <= 1e-4  # the float32 graph is always checked first
         assert report.parity.agreement >= 0.9 and report.parity.max_abs_diff < 0.1
         assert report.fp32_file_bytes == fp32.file_bytes and report.notes
         assert [(t.name, t.dtype) for t in report.inputs + report.outputs] == [("input_ids", "int64"),
                                                                                ("logits", "float32")]
-    ops = {n.op_type for n in onnx.load(q.output).graph.node}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops or "DynamicQuantizeLSTM" in ops
-    gathers = [n for n in onnx.load(q.output).graph.node if n.op_type == "Gather"]
-    assert any(g.input[0].endswith("_quantized") for g in gathers)  # the embedding table is 8-bit too
+    graph = onnx.load(q.output).graph
+    ops = {n.op_type for n in graph.node}
+    assert "DequantizeLinear" in ops and not {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeLSTM"} & ops
+    int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in int8]
+    assert gathers  # the embedding table is int8 rows (methods.int8), its scales gathered beside it
     if name == "lstm":
-        assert "DynamicQuantizeLSTM" in ops
+        lstm = next(n for n in graph.node if n.op_type == "LSTM")
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        assert producers[lstm.input[1]] == "DequantizeLinear"  # int8 weights, float activations
+    ops4 = {n.op_type for n in onnx.load(q4.output).graph.node}
+    assert not {"DynamicQuantizeLinear", "MatMulInteger"} & ops4 and "DequantizeLinear" in ops4
     h_types = {i.data_type for i in onnx.load(h.output).graph.initializer if len(i.dims) == 2}
     assert h_types == {onnx.TensorProto.FLOAT16}
     if name.startswith("dan"):  # the LSTM is too small for its size to be dominated by weights
@@ -188,8 +195,8 @@ def test_outputs_default_force_and_refusals(models, tmp_path: Path) -> None:
     export_onnx(src, quantize="fp16", threads=1, force=True)
     with pytest.raises(OutputError, match="overwrite the input"):
         export_onnx(src, src, force=True)
-    with pytest.raises(InputError, match="--quantize must be one of int8, fp16"):
-        export_onnx(src, tmp_path / "x.onnx", quantize="int4")
+    with pytest.raises(InputError, match="--quantize must be one of int8, int4, fp16"):
+        export_onnx(src, tmp_path / "x.onnx", quantize="int2")
     with pytest.raises(InputError, match="--opset"):
         export_onnx(src, tmp_path / "x.onnx", opset=7)
     with pytest.raises(InputError, match="unknown device 'tpu'"):
@@ -201,7 +208,7 @@ def test_outputs_default_force_and_refusals(models, tmp_path: Path) -> None:
 
 
 def test_parity_failure_writes_nothing(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("embcompress.export.FP32_TOLERANCE", -1.0)
+    monkeypatch.setattr("embcompress.export.onnx.FP32_TOLERANCE", -1.0)
     with pytest.raises(ParityError, match="differs from PyTorch"):
         _export(models["dan"], tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -234,3 +241,51 @@ def test_quantized_classifier_file_exports_as_float(models, tmp_path: Path, bits
     small = quant.quantize(models["dan_k3"], bits=bits, output=tmp_path / f"q{bits}.safetensors").output
     report = _export(Path(small), tmp_path / "q.onnx")
     assert report.factorized and report.rank == 3 and report.parity.fp32_max_abs_diff <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def stored(models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The DAN with its table kept in int8 rows, 4-bit and 3-bit groups (registry tables, loaded as stored)."""
+    from embcompress.ops.compress import compress
+
+    root = tmp_path_factory.mktemp("export-stored")
+    big = root / "dan16.safetensors"  # a 16-dim table, so that groups of 16 fit
+    clf = load_classifier(models["dan"])
+    torch.manual_seed(0)
+    save_classifier(Classifier(DAN(len(clf.vocab), 16, 2, hidden=(12,)).eval(), clf.vocab, clf.labels), big)
+    out = {"int8": root / "int8.safetensors", "lowbit4": root / "lowbit4.safetensors",
+           "lowbit3": root / "lowbit3.safetensors"}
+    compress(models["dan"], "int8", output=out["int8"])
+    compress(big, "lowbit", options={"bits": 4, "group_size": 16}, output=out["lowbit4"])
+    compress(big, "lowbit", options={"bits": 3, "group_size": 16}, output=out["lowbit3"])
+    return out
+
+
+def test_classifier_with_an_int8_table_exports_its_rows(stored, tmp_path: Path) -> None:
+    from embcompress.methods.base import StoredTable
+
+    assert isinstance(load_classifier(stored["int8"]).model.embedding, StoredTable)
+    report = _export(stored["int8"], tmp_path / "m.onnx", quantize="int8")
+    assert report.parity.fp32_max_abs_diff <= 1e-4 and report.parity.agreement >= 0.9
+    graph = onnx.load(report.output).graph
+    int8 = {i.name: list(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    V = len(load_classifier(stored["int8"]).vocab)
+    table = [n for n in graph.node if n.op_type == "Gather" and int8.get(n.input[0], [None])[0] == V]
+    assert len(table) == 1  # Gather of the int8 rows as stored (then the scales and a Mul)
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and i.dims[:1] == [V] for i in graph.initializer
+                   if len(i.dims) == 2)
+
+
+def test_lowbit_table_is_gather_block_quantized_and_3_bits_are_refused(stored, tmp_path: Path) -> None:
+    report = _export(stored["lowbit4"], tmp_path / "m.onnx")
+    assert report.parity.fp32_max_abs_diff <= 1e-4
+    ops = [n.op_type for n in onnx.load(report.output).graph.node]
+    assert ops.count("GatherBlockQuantized") == 1
+    with pytest.raises(InputError, match="3-bit lowbit table has no onnxruntime kernel"):
+        _export(stored["lowbit3"], tmp_path / "x.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_latency_at_batch_1_and_64(models, tmp_path: Path) -> None:
+    report = export_onnx(models["dan"], tmp_path / "m.onnx", threads=1, device="cpu", latency=True)
+    assert set(report.latency_ms) == {1, 64} and all(v > 0 for v in report.latency_ms.values())

@@ -253,7 +253,9 @@ def test_quantized_folder_loads(folders: dict[str, Path], tmp_path: Path) -> Non
 
 def test_onnx_export_parity(folders: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    report = hf.export_onnx(folders["bert-r50"], tmp_path / "m.onnx", texts=TEXTS)
+    from embcompress.export import export_onnx
+
+    report = export_onnx(folders["bert-r50"], tmp_path / "m.onnx", texts=TEXTS)
     assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
     import onnx
 
@@ -263,7 +265,7 @@ def test_onnx_export_parity(folders: dict[str, Path], tmp_path: Path) -> None:
     shapes = [tuple(t.dims) for t in graph.graph.initializer]
     assert (V, K) in shapes and (V, 32) not in shapes  # the factors, not a dense table
     with pytest.raises(Exception, match="already exists"):
-        hf.export_onnx(folders["bert-r50"], tmp_path / "m.onnx")
+        export_onnx(folders["bert-r50"], tmp_path / "m.onnx")
 
 
 def test_cli_export_of_a_folder(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,8 +295,72 @@ def test_cli_export_of_a_folder(folders: dict[str, Path], tmp_path: Path, capsys
     assert (tmp_path / "q.onnx").stat().st_size < out.stat().st_size
 
 
+@pytest.fixture(scope="module")
+def lowbit(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The tiny BERT with its table in 2-, 3- and 4-bit groups of 16 (the lowbit storage, loaded packed)."""
+    from embcompress.ops.compress import compress
+
+    root = tmp_path_factory.mktemp("hf-lowbit")
+    return {bits: Path(compress(folders["bert"], "lowbit", options={"bits": bits, "group_size": 16},
+                                output=root / f"bert-{bits}bit").output) for bits in (2, 3, 4)}
+
+
+def _ops(path: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_onnx_export_of_a_lowbit_table(lowbit: dict[int, Path], tmp_path: Path, bits: int) -> None:
+    """The packed table is one GatherBlockQuantized on the stored bytes; the float32 graph matches torch."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from embcompress.export import export_onnx
+
+    report = export_onnx(lowbit[bits], tmp_path / "m.onnx", texts=TEXTS, threads=1, latency=False)
+    assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
+    assert _ops(tmp_path / "m.onnx").count("GatherBlockQuantized") == 1
+    assert "lowbit" in report.tables["embeddings.word_embeddings"]
+    shapes = [tuple(t.dims) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer]
+    assert (V, 32 * bits // 8) in shapes and (V, 32) not in shapes  # the packed codes, no float table
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_onnx_weight_only_quantization(folders: dict[str, Path], lowbit: dict[int, Path], tmp_path: Path,
+                                       quantize: str) -> None:
+    """Weight-only: MatMulNBits (int4) or DequantizeLinear (int8) before float products, never a dynamic
+    quantization of the activations; a lowbit table keeps its GatherBlockQuantized."""
+    pytest.importorskip("onnxruntime")
+    from embcompress.export import MIN_COSINE, export_onnx
+
+    dense = export_onnx(folders["bert"], tmp_path / "d.onnx", texts=TEXTS, quantize=quantize, threads=1)
+    ops = _ops(tmp_path / "d.onnx")
+    assert not {"DynamicQuantizeLinear", "MatMulInteger"} & set(ops)
+    assert ("MatMulNBits" if quantize == "int4" else "DequantizeLinear") in ops
+    assert dense.fp32_max_abs_diff_embedding < 1e-4 and dense.mean_cosine >= MIN_COSINE[quantize]
+    assert dense.bytes < 0.6 * dense.fp32_bytes and set(dense.latency_batch_ms) == {1, 64}
+    # a float table becomes int8 rows (int8) or 4-bit groups (int4)
+    assert ("GatherBlockQuantized" in ops) == (quantize == "int4")
+    packed = export_onnx(lowbit[2], tmp_path / "p.onnx", texts=TEXTS, quantize=quantize, threads=1, latency=False)
+    assert _ops(tmp_path / "p.onnx").count("GatherBlockQuantized") >= 1 and packed.mean_cosine >= MIN_COSINE[quantize]
+    assert packed.bytes < dense.bytes
+
+
+def test_onnx_export_refuses_a_3_bit_table(lowbit: dict[int, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    from embcompress.cli.main import main
+
+    code = main(["export", str(lowbit[3]), "-o", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "3-bit lowbit table has no onnxruntime kernel" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("args", "message"), [
-    (["--quantize", "fp16"], "must be int8 for a Hugging Face model"),
+    (["--quantize", "fp16"], "must be one of int8, int4 for a Hugging Face model"),
     (["--device", "cuda"], "checked on the CPU"),
     (["--opset", "9"], "--opset must be between"),
     (["--threads", "0"], "--threads must be at least 1"),
@@ -387,7 +453,9 @@ def test_groupreduce_folder_distils_and_exports(folders: dict[str, Path], groupe
     after = list(student.get_input_embeddings().weight_a)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the block factors train
     pytest.importorskip("onnxruntime")
-    report = hf.export_onnx(grouped["bert"], tmp_path / "g.onnx", texts=TEXTS)
+    from embcompress.export import export_onnx
+
+    report = export_onnx(grouped["bert"], tmp_path / "g.onnx", texts=TEXTS)
     assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
     import onnx
 

@@ -13,10 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import workspace
 from ..errors import InputError
 from ..recover.loop import cleanup_distributed, init_distributed_from_env, is_main_process
-from ._progress import spinner
-from ._render import console, err_console, human_bytes, print_json, table
+from ._render import console, err_console, print_json, table
 
-PARITY_TEXT_LIMIT = 32  # texts of --data used for the ONNX parity check
 PLAIN_EVERY_SECONDS = 30.0  # a progress line at least this often when stderr is not a terminal
 
 
@@ -237,44 +235,3 @@ def evaluate_labels(model: Path, data: Path, *, batch_size: int, device: str, js
         return
     console.print(f"[bold]{model}[/bold] on {data}: accuracy {100 * result['accuracy']:.2f} %, {result['count']} "
                   f"examples, {result['examples_per_second']:,.0f} examples/s")
-
-
-def export_hf(model: Path, output: Path | None, *, quantize: str | None, opset: int, data: Path | None, device: str,
-              threads: int | None, force: bool, json: bool) -> None:
-    """``embcompress export HF_FOLDER``: the encoder as ONNX, parity with torch in onnxruntime, latency."""
-    from ..hf import LATENCY_REPEATS, export_onnx, read_texts
-
-    from ..export import OPSET_RANGE
-
-    if device not in ("auto", "cpu"):
-        raise InputError(f"--device {device}: the ONNX export of a Hugging Face model is checked on the CPU (auto or "
-                         "cpu)")
-    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
-        raise InputError(f"--opset must be between {OPSET_RANGE[0]} and {OPSET_RANGE[1]}, got {opset}")
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be at least 1, got {threads}")
-    texts = read_texts(data, limit=PARITY_TEXT_LIMIT) if data is not None else None
-    with spinner("exporting and checking in onnxruntime", not json):
-        report = export_onnx(model, output, opset=opset, quantize=quantize, texts=texts, force=force, threads=threads)
-    workspace.record(
-        "export",
-        options={"quantize": quantize, "opset": opset, "threads": threads},
-        inputs=[("model", model)] + ([("data", data)] if data is not None else []),
-        outputs=[("onnx", Path(report.output))],
-        figures={"file_bytes": report.bytes, "latency_ms": report.latency_ms, "threads": threads,
-                 "max_abs_diff_embedding": report.max_abs_diff_embedding, "min_cosine": report.min_cosine},
-    )
-    if json:
-        print_json(report.to_dict())
-        return
-    console.print(f"[bold]{report.input}[/bold] -> [bold]{report.output}[/bold]: {human_bytes(report.bytes)}, opset "
-                  f"{report.opset}, {report.quantize or 'float32'}, in {report.seconds:.1f} s")
-    console.print("inputs input_ids, attention_mask (int64, batch x seq); outputs last_hidden_state (batch x seq x "
-                  "d), sentence_embedding (batch x d, mean over the attended tokens)")
-    console.print(f"parity with torch on {report.parity_texts} texts (one padded batch, then one at a time): max "
-                  f"|difference| {report.max_abs_diff_embedding:.2e} in the sentence embeddings, "
-                  f"{report.max_abs_diff_hidden:.2e} in the token states; worst cosine {report.min_cosine:.6f}")
-    if report.latency_ms is not None:
-        on = f"{threads} thread{'' if threads == 1 else 's'}" if threads else "onnxruntime's default threads"
-        console.print(f"latency: {report.latency_ms:.2f} ms for one sentence (median of {LATENCY_REPEATS} onnxruntime "
-                      f"calls, {on})")

@@ -76,7 +76,7 @@ def test_model_from_workspace_record(capsys, model: Path, tmp_path: Path) -> Non
         ("not_classifier", 2, "not an embcompress classifier"),
         ("exists", 3, "already exists; use --force"),
         ("same", 3, "would overwrite the input"),
-        ("quantize", 2, "--quantize must be one of int8, fp16"),
+        ("quantize", 2, "--quantize must be one of int8, int4, fp16"),
         ("opset", 2, "--opset must be between"),
     ],
 )
@@ -88,7 +88,7 @@ def test_one_line_errors(capsys, model: Path, dan_file: Path, tmp_path: Path, ca
         "not_classifier": [dan_file, "-o", tmp_path / "x.onnx"],
         "exists": [model, "-o", tmp_path / "taken.onnx"],
         "same": [model, "-o", model, "--force"],
-        "quantize": [model, "--quantize", "int4"],
+        "quantize": [model, "--quantize", "int2"],
         "opset": [model, "--opset", "99"],
     }[case]
     got, out, err = run(capsys, "export", *args)

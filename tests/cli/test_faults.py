@@ -154,7 +154,7 @@ def test_full_disk_is_exit_3_with_the_path(tmp_path: Path, dan_file: Path) -> No
 
 def test_full_disk_in_the_onnx_exporter_is_exit_3_with_the_path(capsys, monkeypatch: pytest.MonkeyPatch,
                                                                  tmp_path: Path, classifier: tuple[Path, Path]) -> None:
-    from embcompress import export
+    from embcompress.export import onnx as export
 
     def no_space(wrapper, path, opset):
         with open(path, "wb") as fh:

@@ -1,9 +1,8 @@
-"""ONNX export of a classifier, with a parity check against PyTorch and optional int8 / fp16 weights.
+"""The classifiers' ONNX graph (DAN, LSTM): ``input_ids -> logits``, checked against PyTorch.
 
-``export_onnx`` loads any classifier ``load_classifier`` reads (dense, factorized, fine-tuned, or a quantized file,
-which loads as a float model), wraps it in an export-only module and writes it with the TorchScript-based exporter
-(``torch.onnx.export(..., dynamo=False)``; the dynamo exporter needs ``onnxscript``, which embcompress does not
-require).
+``export_classifier`` loads any classifier ``load_classifier`` reads (dense, factorized, fine-tuned, a quantized file,
+which loads as a float model, or a registry table such as int8 rows or low-bit groups, which stays as stored), wraps
+it in an export-only module and hands it to the shared pipeline (``onnx.write_export``).
 
 Graph interface, the same for every architecture:
 
@@ -28,69 +27,59 @@ Export-only wrappers do what the PyTorch modules cannot export, or do it more ch
   reversed within its length (pad positions stay put), so bidirectional and stacked LSTMs export exactly too. For a
   factorized table W_b is folded into the first layer's input weights (4h x d times d x k -> 4h x k), so the LSTM
   reads the k-dim rows of W_a directly.
+- Any other table (GroupReduce blocks, a table kept in a storage) is looked up by its own module's forward, so its
+  ONNX lowering is its method's.
 
 The parity check always runs: onnxruntime against PyTorch on the same batches (texts from ``data`` when given,
 else sentences of real vocabulary tokens; several batch sizes and lengths). The float32 graph must agree to
-``FP32_TOLERANCE`` in every logit or nothing is written; for int8 / fp16 the fraction of identical predictions and
-the largest logit difference are reported.
+``FP32_TOLERANCE`` in every logit or nothing is written; for a quantized graph the fraction of identical predictions
+and the largest logit difference are reported.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib
-import io
 import json
-import logging
 import math
 import os
-import shutil
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import runtime
-from ._version import __version__
-from .checkpoint import atomic_path, check_finite_tensors, check_output, temporary_folder
-from .classifier import Classifier, load_classifier
-from .data import PAD_ID, UNK_ID, _decoded_lines, _open_binary, collate, tokenize
-from .errors import DataError, DependencyError, EmbcompressError, InputError, OutputError
-from .models import DAN, LSTMClassifier
-from .methods.base import Table
-from .modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding
+from .. import runtime
+from ..checkpoint import check_finite_tensors, check_output
+from ..classifier import Classifier, load_classifier
+from ..data import PAD_ID, UNK_ID, _decoded_lines, _open_binary, collate, tokenize
+from ..errors import DataError, InputError, OutputError
+from ..methods.base import Table
+from ..models import DAN, LSTMClassifier
+from ..modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding
+from .onnx import (
+    FP32_TOLERANCE,
+    MAX_ONNX_BYTES,
+    Check,
+    ParityError,
+    TensorSpec,
+    check_options,
+    check_tables,
+    default_onnx_output,
+    providers,
+    write_export,
+)
+from .weights import DEFAULT_BLOCK_SIZE
 
-QUANTIZE_CHOICES = ("int8", "fp16")
-OPSET_RANGE = (13, 20)  # 13: ReduceSum with axes as an input; 20: the TorchScript exporter's newest
-FP32_TOLERANCE = 1e-4
-MAX_ONNX_BYTES = 2_000_000_000  # protobuf's limit for one file (external data is not used)
 MAX_PARITY_TEXTS = 512
 MAX_PARITY_TOKENS = 512
 INPUT_NAME = "input_ids"
 OUTPUT_NAME = "logits"
-
-
-class ParityError(EmbcompressError):
-    """The float32 ONNX graph does not reproduce the PyTorch model's logits (nothing was written)."""
-
-    exit_code = 1
-
-
-@dataclass
-class TensorSpec:
-    """One graph input or output: name, element type and shape (symbolic axes by name)."""
-
-    name: str
-    dtype: str
-    shape: list[int | str]
+LATENCY_BATCHES = (1, 64)
 
 
 @dataclass
@@ -104,13 +93,13 @@ class Parity:
     fp32_max_abs_diff: float  # the float32 graph, always checked
     fp32_tolerance: float
     fp32_agreement: float
-    max_abs_diff: float | None = None  # the written graph when quantized (int8 / fp16), else None
+    max_abs_diff: float | None = None  # the written graph when quantized (int8 / int4 / fp16), else None
     agreement: float | None = None  # fraction of examples whose argmax is the same as PyTorch's
 
 
 @dataclass
 class ExportReport:
-    """What ``export_onnx`` wrote and how well it matches the PyTorch model."""
+    """What ``export_classifier`` wrote and how well it matches the PyTorch model."""
 
     input: str
     output: str
@@ -129,6 +118,7 @@ class ExportReport:
     checker: str = "passed"
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    latency_ms: dict[int, float] = field(default_factory=dict)  # by batch size, when asked for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,7 +155,18 @@ def _grouped_copy(emb: nn.Module) -> nn.Module | None:
     return copy.deepcopy(emb).requires_grad_(False)
 
 
-class DANExport(nn.Module):
+class _ClassifierGraph(nn.Module):
+    """The interface of every classifier graph: ``input_ids`` -> ``logits``."""
+
+    INPUTS: ClassVar[tuple[str, ...]] = (INPUT_NAME,)
+    OUTPUTS: ClassVar[tuple[str, ...]] = (OUTPUT_NAME,)
+    DYNAMIC_AXES: ClassVar[dict[str, dict[int, str]]] = {INPUT_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch"}}
+
+    def example(self) -> tuple[torch.Tensor]:
+        return (torch.full((2, 5), 2, dtype=torch.long),)
+
+
+class DANExport(_ClassifierGraph):
     """A DAN as ``input_ids -> logits`` with the masked mean taken before any projection.
 
     Dense table: Gather (V x d) -> masked mean (one MatMul with the mask) -> MLP. Factorized: Gather W_a (V x k)
@@ -209,7 +210,7 @@ def _take_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-class LSTMExport(nn.Module):
+class LSTMExport(_ClassifierGraph):
     """An LSTMClassifier as ``input_ids -> logits`` without packed sequences (see the module docstring)."""
 
     def __init__(self, model: LSTMClassifier, *, fold: bool = True) -> None:
@@ -372,158 +373,59 @@ def parity_batches(
     return batches, "sentences of random vocabulary tokens"
 
 
-# --- onnxruntime helpers ----------------------------------------------------------------------------------------
 
 
-def _ort_module(name: str) -> ModuleType:
-    """A submodule of onnxruntime (quantization, transformers.float16), imported after ``runtime`` set it up."""
-    runtime.import_onnxruntime()
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise DependencyError(f"{name} cannot be imported ({e}); reinstall onnxruntime") from None
+# --- the family and the export ----------------------------------------------------------------------------------
 
 
-def _providers(device: str) -> list[Any]:
-    """``execution_providers(device)`` for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, with TF32 off on CUDA so that
-    the float32 parity is float32's; InputError for an unknown device or ``cuda`` without a CUDA provider."""
-    base, _, index = device.partition(":")
-    if base not in ("auto", "cpu", "cuda") or (index and (base != "cuda" or not index.isdigit())):
-        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
-    names = runtime.execution_providers(base)
-    if base == "cuda" and "CUDAExecutionProvider" not in names:
-        raise InputError(f"device {device!r} asked for, but onnxruntime has no CUDA execution provider (install "
-                         "the [onnxruntime-gpu] extra, or use --device cpu or auto)")
-    options = {"use_tf32": "0", **({"device_id": index} if index else {})}
-    return [(n, options) if n == "CUDAExecutionProvider" else n for n in names]
+class ClassifierFamily:
+    """The classifier graph for :func:`onnx.write_export`: parity on (ids, lengths) batches, logits compared."""
+
+    differs_in = "a logit"
+    score_name = "agreement"
+
+    def __init__(self, clf: Classifier, texts: list[str] | None, *, fold: bool = True) -> None:
+        self.clf = clf
+        self.batches, self.source = parity_batches(clf, texts)
+        self.graph, self.description = export_module(clf.model, fold=fold)
+
+    def metadata(self) -> tuple[str, dict[str, str]]:
+        """Everything needed to feed the graph text: vocabulary, labels, pad id, tokenizer and interface."""
+        doc = (f"{INPUT_NAME}: int64 [batch, seq], right-padded with the pad id; {OUTPUT_NAME}: float32 "
+               f"[batch, classes]. Graph: {self.description}.")
+        return doc, {
+            "embcompress.labels": json.dumps(self.clf.labels.labels),
+            "embcompress.vocab": json.dumps(self.clf.vocab.tokens),
+            "embcompress.pad_id": str(_pad_id(self.clf.model)),
+            "embcompress.tokenizer": "embcompress.data.tokenize: lower-case, Penn Treebank style; unknown tokens -> 1",
+        }
+
+    def check(self, session: Any) -> Check:
+        """max |logit difference| and the fraction of identical argmax, onnxruntime against PyTorch."""
+        worst, same, total = 0.0, 0, 0
+        with torch.no_grad():
+            for ids, lengths in self.batches:
+                ref = self.clf.model(ids, lengths).float()
+                got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: ids.numpy()})[0]).float()
+                if got.shape != ref.shape:
+                    raise ParityError(f"onnxruntime returned logits of shape {tuple(got.shape)}, PyTorch "
+                                      f"{tuple(ref.shape)}")
+                diff = (got - ref).abs().max().item()
+                worst = max(worst, diff if math.isfinite(diff) else math.inf)
+                same += int((got.argmax(1) == ref.argmax(1)).sum())
+                total += ids.shape[0]
+        return Check(worst, same / total)
+
+    def min_score(self, quantize: str) -> float | None:
+        return None  # a quantized classifier's agreement is reported, not gated
+
+    def latency_feeds(self, sizes: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
+        seqs = [ids[i, : int(n)] for ids, lengths in self.batches for i, n in enumerate(lengths)]
+        return {size: {INPUT_NAME: collate([(seqs[i % len(seqs)], 0) for i in range(size)]).ids.numpy()}
+                for size in sizes}
 
 
-def make_session(path: str | os.PathLike[str], *, device: str = "auto", threads: int | None = None) -> Any:
-    """An onnxruntime InferenceSession for a file (CUDA first where present and asked for)."""
-    ort = runtime.import_onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=_providers(device))
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporter's and the converters' warnings, prints and logging (the CLI output stays clean)."""
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-# --- the export -------------------------------------------------------------------------------------------------
-
-
-def _spec(value: Any) -> TensorSpec:
-    import onnx
-
-    t = value.type.tensor_type
-    dims: list[int | str] = [d.dim_param or d.dim_value for d in t.shape.dim]
-    return TensorSpec(value.name, str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims)
-
-
-def write_fp32_graph(wrapper: nn.Module, path: Path, opset: int) -> None:
-    """Trace the wrapper and write a float32 ONNX graph with dynamic batch and sequence axes."""
-    example = torch.full((2, 5), 2, dtype=torch.long)
-    with _quiet(), torch.no_grad():
-        torch.onnx.export(
-            wrapper, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset, do_constant_folding=True, dynamo=False,
-        )
-
-
-def quantize_int8(src: Path, dst: Path, work: Path) -> None:
-    """onnxruntime dynamic quantization, int8 weights (the embedding Gather, MatMul/Gemm and LSTM included).
-
-    ``quant_pre_process`` (symbolic shape inference and graph optimisation) runs first: onnxruntime recommends it,
-    and graphs from the dynamo exporter fail without it; the TorchScript exporter's graphs quantize either way.
-    """
-    shape_inference = _ort_module("onnxruntime.quantization.shape_inference")
-    quantization = _ort_module("onnxruntime.quantization")
-    pre = work / "pre.onnx"
-    with _quiet():
-        shape_inference.quant_pre_process(str(src), str(pre))
-        quantization.quantize_dynamic(str(pre), str(dst), weight_type=quantization.QuantType.QInt8,
-                                      op_types_to_quantize=["Gather", "MatMul", "Gemm", "LSTM"])
-
-
-def convert_fp16(src: Path, dst: Path) -> None:
-    """float16 weights and arithmetic; inputs and outputs keep their types (int64 ids in, float32 logits out)."""
-    import onnx
-
-    float16 = _ort_module("onnxruntime.transformers.float16")
-    with _quiet():
-        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(dst))
-
-
-def _add_metadata(model: Any, clf: Classifier, graph: str) -> None:
-    """Everything needed to feed the graph text: vocabulary, labels, pad id, tokenizer and interface."""
-    import onnx
-
-    model.producer_name = "embcompress"
-    model.producer_version = __version__
-    model.doc_string = (f"{INPUT_NAME}: int64 [batch, seq], right-padded with the pad id; {OUTPUT_NAME}: float32 "
-                        f"[batch, classes]. Graph: {graph}.")
-    props = {
-        "embcompress.labels": json.dumps(clf.labels.labels),
-        "embcompress.vocab": json.dumps(clf.vocab.tokens),
-        "embcompress.pad_id": str(_pad_id(clf.model)),
-        "embcompress.tokenizer": "embcompress.data.tokenize: lower-case, Penn Treebank style; unknown tokens -> 1",
-    }
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, props)
-
-
-def _finish(path: Path, clf: Classifier, graph: str, what: str) -> None:
-    """Add the metadata, run ``onnx.checker.check_model`` and save in place."""
-    import onnx
-
-    model = onnx.load(str(path))
-    _add_metadata(model, clf, graph)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise ParityError(f"the {what} graph fails onnx.checker: {str(e).splitlines()[0]}") from None
-    onnx.save(model, str(path))
-
-
-def _compare(session: Any, clf: Classifier, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             ) -> tuple[float, float]:
-    """(max |logit difference|, fraction of identical argmax) of an onnxruntime session against PyTorch."""
-    worst, same, total = 0.0, 0, 0
-    with torch.no_grad():
-        for ids, lengths in batches:
-            ref = clf.model(ids, lengths).float()
-            got = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: ids.numpy()})[0]).float()
-            if got.shape != ref.shape:
-                raise ParityError(f"onnxruntime returned logits of shape {tuple(got.shape)}, PyTorch "
-                                  f"{tuple(ref.shape)}")
-            diff = (got - ref).abs().max().item()
-            worst = max(worst, diff if math.isfinite(diff) else math.inf)
-            same += int((got.argmax(1) == ref.argmax(1)).sum())
-            total += ids.shape[0]
-    return worst, same / total
-
-
-def default_onnx_output(path: Path, quantize: str | None) -> Path:
-    """``model.onnx`` beside ``model.safetensors`` (``model.int8.onnx``, ``model.fp16.onnx`` when quantized)."""
-    stem = path.name if path.is_dir() else path.name.removesuffix(path.suffix)
-    return path.parent / f"{stem}{'.' + quantize if quantize else ''}.onnx"
-
-
-def export_onnx(
+def export_classifier(
     model_path: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
     *,
@@ -534,101 +436,58 @@ def export_onnx(
     force: bool = False,
     threads: int | None = None,
     fold_projection: bool = True,
+    latency: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export a classifier to ONNX (``input_ids`` -> ``logits``), check it against PyTorch, and write it atomically.
 
-    ``quantize``: None (float32), ``"int8"`` (onnxruntime dynamic quantization, int8 weights) or ``"fp16"``.
+    ``quantize``: None (float32), ``"int8"`` / ``"int4"`` (weight-only, see ``weights.py``) or ``"fp16"``.
     ``data``: JSON Lines texts for the parity check (default: sentences of vocabulary tokens). ``device``: where
     onnxruntime runs the check (``auto``: CUDA where present). ``threads``: onnxruntime's intra-op threads for the
     check (default: its own choice). ``fold_projection=False`` keeps W_b as its own MatMul (for comparison).
+    ``latency``: also time the written graph at batch 1 and 64.
     Raises ParityError, writing nothing, when a float32 logit differs from PyTorch's by more than 1e-4.
     """
     started = time.perf_counter()
     say = progress or (lambda _msg: None)
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise InputError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
-    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
-        raise InputError(f"--opset must be between {OPSET_RANGE[0]} and {OPSET_RANGE[1]}, got {opset}")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads must be at least 1, got {threads}")
+    check_options(quantize, opset, threads)
     src = Path(model_path)
     out = Path(output) if output is not None else default_onnx_output(src, quantize)
     runtime.import_onnxruntime()  # a missing extra is reported before any work
-    _providers(device)
-    import onnx
-
-    inputs = [src] + ([Path(data)] if data is not None else [])
-    check_output(out, inputs, force=force)
+    providers(device)
+    check_output(out, [src] + ([Path(data)] if data is not None else []), force=force)
     if out.is_dir():
         raise OutputError(f"{out}: is a folder; give a file name such as model.onnx")
     say("loading the classifier")
     clf = load_classifier(src)
     check_finite_tensors(clf.model.state_dict().items(), action="export it")
-    clf.model.eval().float()
+    check_tables(clf.model)
+    clf.model.eval()
+    for param in clf.model.parameters():  # float32 weights; a stored table's buffers (fp16 scales ...) stay as stored
+        param.data = param.data.float()
     texts = read_texts(data) if data is not None else None
-    batches, source = parity_batches(clf, texts)
     weight_bytes = sum(t.numel() * t.element_size() for t in clf.model.state_dict().values())
     if weight_bytes > MAX_ONNX_BYTES:
         raise InputError(f"{src}: {weight_bytes / 1e9:.1f} GB of weights is beyond what one ONNX file holds (2 GB, "
                          "the protobuf limit)")
-    wrapper, graph = export_module(clf.model, fold=fold_projection)
+    family = ClassifierFamily(clf, texts, fold=fold_projection)
     emb = clf.model.embedding
     rank = emb.rank if isinstance(emb, FACTORIZED) else None
-    notes: list[str] = []
-
-    with temporary_folder(out) as work:
-        fp32 = work / "fp32.onnx"
-        say("exporting the float32 graph")
-        write_fp32_graph(wrapper, fp32, opset)
-        _finish(fp32, clf, graph, "float32")
-        say("checking float32 parity with PyTorch")
-        session = make_session(fp32, device=device, threads=threads)
-        providers = list(session.get_providers())
-        fp32_diff, fp32_agree = _compare(session, clf, batches)
-        del session
-        if not fp32_diff <= FP32_TOLERANCE:
-            raise ParityError(f"the ONNX graph differs from PyTorch by {fp32_diff:.3g} in a logit (tolerance "
-                              f"{FP32_TOLERANCE:g}); nothing written")
-        final = fp32
-        diff = agree = None
-        if quantize == "int8":
-            say("quantizing to int8 (onnxruntime dynamic quantization)")
-            final = work / "int8.onnx"
-            quantize_int8(fp32, final, work)
-            notes.append("int8: onnxruntime quantize_dynamic; int8 per-tensor weights for MatMul/Gemm/LSTM, an 8-bit "
-                         "(uint8) table for the embedding Gather; activations quantized at run time")
-        elif quantize == "fp16":
-            say("converting to float16")
-            final = work / "fp16.onnx"
-            convert_fp16(fp32, final)
-            notes.append("fp16: float16 weights and arithmetic, int64 input and float32 logits kept")
-            if providers == ["CPUExecutionProvider"]:
-                notes.append("fp16 on the CPU: onnxruntime casts ops lacking a float16 kernel back to float32")
-        if quantize:
-            _finish(final, clf, graph, quantize)
-            say(f"checking {quantize} agreement with PyTorch")
-            session = make_session(final, device=device, threads=threads)
-            diff, agree = _compare(session, clf, batches)
-            del session
-        fp32_bytes = fp32.stat().st_size
-        model = onnx.load(str(final), load_external_data=False)
-        with atomic_path(out) as tmp:
-            with open(final, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-                fout.flush()
-                os.fsync(fout.fileno())
-    size = out.stat().st_size
+    written = write_export(family, out, quantize=quantize, opset=opset, device=device, threads=threads,
+                           latency=LATENCY_BATCHES if latency else (), block_size=block_size, progress=say)
     model_bytes = src.stat().st_size if src.is_file() else sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
-    parity = Parity(source=f"{source} from {data}" if data is not None else source,
-                    examples=sum(int(ids.shape[0]) for ids, _ in batches),
-                    batches=[list(ids.shape) for ids, _ in batches], providers=providers,
-                    fp32_max_abs_diff=fp32_diff, fp32_tolerance=FP32_TOLERANCE, fp32_agreement=fp32_agree,
-                    max_abs_diff=diff, agreement=agree)
+    q = written.quantized
+    parity = Parity(source=f"{family.source} from {data}" if data is not None else family.source,
+                    examples=sum(int(ids.shape[0]) for ids, _ in family.batches),
+                    batches=[list(ids.shape) for ids, _ in family.batches], providers=written.providers,
+                    fp32_max_abs_diff=written.fp32.max_abs_diff, fp32_tolerance=FP32_TOLERANCE,
+                    fp32_agreement=written.fp32.score, max_abs_diff=q.max_abs_diff if q else None,
+                    agreement=q.score if q else None)
     return ExportReport(
         input=str(src), output=str(out), arch=clf.model.config["arch"], factorized=rank is not None, rank=rank,
-        quantize=quantize, opset=opset, inputs=[_spec(v) for v in model.graph.input],
-        outputs=[_spec(v) for v in model.graph.output], graph=graph, file_bytes=size,
-        fp32_file_bytes=fp32_bytes if quantize else size, model_bytes=model_bytes, parity=parity,
-        seconds=time.perf_counter() - started, notes=notes,
+        quantize=quantize, opset=opset, inputs=written.inputs, outputs=written.outputs, graph=family.description,
+        file_bytes=written.file_bytes, fp32_file_bytes=written.fp32_file_bytes if quantize else written.file_bytes,
+        model_bytes=model_bytes, parity=parity, seconds=time.perf_counter() - started, notes=written.notes,
+        latency_ms=written.latency_ms,
     )
