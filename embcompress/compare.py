@@ -1,60 +1,50 @@
-"""One run, one table: what each way of shrinking a classifier costs in size, accuracy and latency.
+"""``compare``: every way of shrinking a model's tables, measured on the user's texts, with its Pareto front.
 
-Rows (the paper's Tables 2 and 4): the uncompressed model; ``quant16`` and ``quant8`` (``quantize``); ``svd``
-(factorized, not retrained); ``proposed`` (factorized, then fine-tuned with CALR: the paper's method);
-``proposed+int8`` (that model quantized to int8: low rank and fixed point combined); ``groupreduce`` (asked for
-by name: GroupReduce blocks from the token counts of ``--train`` instead of the plain SVD, then the same
-fine-tuning as proposed); ``offline``
-(the paper's baseline 2: the initial embedding compressed before training, the SVD of the ``--init-vectors`` or a
-random low-rank table for DAN-RAND, then trained with the same epoch budget as uncompressed training plus
-fine-tuning). Each row is scored on the same data, its checkpoint measured on disk, and its ONNX graph timed in
-onnxruntime at batch 1 and 64 (median of repeated runs).
+:func:`compare_model` is the command: for every model family (a Hugging Face encoder folder or an embcompress
+classifier) the rows of :func:`embcompress.sweep.sweep` (every registered method and combination at each byte
+budget, in memory, scored on ``--data``), and for a classifier given ``--train`` also the rows of the paper's
+protocol, :func:`compare` (Tables 2 and 4): ``quant16`` and ``quant8`` (``quantize``); ``svd`` (factorized, not
+retrained); ``proposed`` (factorized, then fine-tuned with CALR: the paper's method); ``proposed+int8`` (that model
+quantized to int8); ``groupreduce`` (asked for by name: GroupReduce blocks from the token counts of ``--train``,
+then the same fine-tuning); ``offline`` (the paper's baseline 2: the initial embedding compressed before training,
+the SVD of the ``--init-vectors`` or a random low-rank table for DAN-RAND, trained for the uncompressed model's
+epochs plus the fine-tuning's); and ``fair`` (the uncompressed model trained for those same epochs, so that a
+compressed row that beats the original is not credited with what the extra epochs bought). Each protocol row is
+written to the work folder, scored on the same data, measured on disk and, unless ``latency`` is off, timed in
+onnxruntime at batch 1 and 64. The Pareto front is marked over all rows; the outputs (Markdown, CSV, JSON, PNG and
+a ``compare.log`` of the progress) go to one folder.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import json
+import math
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
-from .checkpoint import check_finite_tensors
+from . import hf, sweep
+from .checkpoint import atomic_path, check_finite_tensors, check_output, load_checkpoint, save_text
 from .classifier import load_classifier
 from .data import collate, read_jsonl
-from .errors import DependencyError, InputError
-from .export import export_onnx, make_session
+from .errors import InputError
+from .export import export_onnx, measure_latency
 from .factorize import factorize
 from .quant import quantize
 from .rank import rank_for_reduction
+from .sweep import Row, SweepResult
 from .train.loop import TrainConfig, evaluate, resolve_device
 from .train.run import FINETUNE_DEFAULTS, finetune_classifier, train_classifier
 from .weighting import count_corpus
 
-DEFAULT_BASELINES = ("quant8", "quant16", "offline", "svd", "proposed+int8")
+DEFAULT_BASELINES = ("quant8", "quant16", "offline", "svd", "proposed+int8", "fair")
 BASELINES = (*DEFAULT_BASELINES, "groupreduce")  # groupreduce costs one more fine-tuning per R: asked for by name
 LATENCY_BATCHES = (1, 64)
-
-
-@dataclass
-class Row:
-    """One way of shrinking the model, measured."""
-
-    method: str
-    reduction: float | None
-    size_bytes: int
-    accuracy: float
-    relative_change: float
-    latency_ms: dict[int, float | None]
-    checkpoint: str
-    onnx: str | None = None
-    note: str = ""
 
 
 @dataclass
@@ -90,23 +80,6 @@ def parse_reductions(text: str | list[float] | None) -> list[float]:
         if not 0.0 < r < 1.0:
             raise InputError(f"--reductions: each must be strictly between 0 and 1, got {r}")
     return values
-
-
-def measure_latency(onnx_path: Path, batches: dict[int, dict[str, np.ndarray]], *, repeats: int = 20,
-                    threads: int | None = None) -> dict[int, float]:
-    """Median milliseconds per batch of an onnxruntime session, after warm-up, for each batch size."""
-    session = make_session(onnx_path, device="cpu", threads=threads)
-    out = {}
-    for size, feeds in batches.items():
-        for _ in range(3):
-            session.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - t0)
-        out[size] = 1000 * statistics.median(times)
-    return out
 
 
 def _latency_batches(model_path: Path, data: Path, sizes: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
@@ -161,7 +134,7 @@ def compare(
     if base.is_factorized:
         raise InputError(f"{src}: already factorized; compare starts from the uncompressed classifier")
     check_finite_tensors(base.model.state_dict().items(), action="compare it")
-    needs_training = bool({"offline", "groupreduce"} & set(baselines)) or any(r not in reuse for r in reductions)
+    needs_training = bool({"offline", "groupreduce", "fair"} & set(baselines)) or any(r not in reuse for r in reductions)
     if needs_training and train is None:
         raise InputError("compare needs --train (training examples) for the proposed and offline rows")
     test_ds = base.encode(read_jsonl(data))  # every input is read and checked before the work folder exists
@@ -191,14 +164,26 @@ def compare(
     say("uncompressed: scoring")
     base_acc = accuracy(src)
 
+    table_f32 = 4 * base.model.embedding.weight.numel()
+
     def add(method: str, reduction: float | None, checkpoint: Path, quantized: str | None = None,
             note: str = "") -> None:
         acc = base_acc if checkpoint == src else accuracy(checkpoint)
         lat, onnx_path = timed(checkpoint, checkpoint.name.removesuffix(".safetensors"), quantized)
-        rows.append(Row(method, reduction, _size(checkpoint), acc, (acc - base_acc) / base_acc if base_acc else 0.0,
-                        lat, str(checkpoint), onnx_path, note))
+        table = _table_bytes(checkpoint)
+        rows.append(Row(method, table / table_f32, table, _size(checkpoint), acc,
+                        math.sqrt(max(acc * (1 - acc), 0.0) / max(1, len(test_ds))),
+                        recovered=method in TRAINED, accuracy=acc,
+                        relative_change=(acc - base_acc) / base_acc if base_acc else 0.0, reduction=reduction,
+                        latency_ms=lat, checkpoint=str(checkpoint), onnx=onnx_path, note=note))
 
     add("uncompressed", None, src)
+    if "fair" in baselines:
+        say(f"fair: training the uncompressed model {train_epochs + ft_epochs} epochs")
+        out = work / "fair.safetensors"
+        _retrain(base, train, dev, out, train_epochs + ft_epochs, seed, device)
+        add("fair", None, out, note=f"the uncompressed model trained {train_epochs} + {ft_epochs} epochs, as the "
+                                    "compressed rows")
     for bits, name in ((16, "quant16"), (8, "quant8")):
         if name in baselines:
             say(f"{name}: quantizing")
@@ -242,12 +227,7 @@ def compare(
             say(f"offline {tag}: training a rank-{k} table from the start")
             out = work / f"offline.{tag}.safetensors"
             epochs = train_epochs + ft_epochs
-            cfg = base.model.config
-            train_classifier(train, dev, out, arch=cfg["arch"], embed_dim=d, hidden_dim=cfg.get("hidden_dim", 150),
-                             dropout=cfg.get("dropout", 0.4), min_count=int(train_cfg.get("min_count") or 1),
-                             init_vectors=train_cfg.get("init_vectors"), initial_rank=k, force=True,
-                             config=TrainConfig(epochs=epochs, lr=float(train_cfg.get("lr") or TrainConfig.lr),
-                                                seed=seed, device=device))
+            _retrain(base, train, dev, out, epochs, seed, device, initial_rank=k)
             init = "SVD of the initial vectors" if train_cfg.get("init_vectors") else "random low-rank table"
             add("offline", r, out, note=f"{init}, {epochs} epochs")
     settings = {"baselines": baselines, "reductions": reductions, "finetune_epochs": ft_epochs, "finetune_lr": ft_lr,
@@ -258,56 +238,117 @@ def compare(
     return CompareResult(str(src), str(data), base_acc, rows, settings, time.perf_counter() - started)
 
 
-def to_csv(result: CompareResult) -> str:
-    """The table as CSV (one row per method)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["method", "R", "size_MB", "accuracy", "relative_change", "latency_ms_b1", "latency_ms_b64",
-                     "note"])
-    for row in result.rows:
-        writer.writerow([row.method, row.reduction, f"{row.size_bytes / 1e6:.4f}", f"{row.accuracy:.4f}",
-                         f"{row.relative_change:.4f}", _ms(row.latency_ms.get(1)), _ms(row.latency_ms.get(64)),
-                         row.note])
-    return buf.getvalue()
+TRAINED = ("proposed", "proposed+int8", "groupreduce", "offline", "fair")  # rows trained beyond the original
 
 
-def _ms(x: float | None) -> str:
-    return "" if x is None else f"{x:.3f}"
+def _retrain(base: Any, train: Any, dev: Any, out: Path, epochs: int, seed: int, device: str,
+             initial_rank: int | None = None) -> None:
+    """Train the base classifier's architecture again from the start, as it was trained, for ``epochs``."""
+    cfg, train_cfg = base.model.config, base.train or {}
+    train_classifier(train, dev, out, arch=cfg["arch"], embed_dim=cfg["embed_dim"],
+                     hidden_dim=cfg.get("hidden_dim", 150), dropout=cfg.get("dropout", 0.4),
+                     min_count=int(train_cfg.get("min_count") or 1), init_vectors=train_cfg.get("init_vectors"),
+                     initial_rank=initial_rank, force=True,
+                     config=TrainConfig(epochs=epochs, lr=float(train_cfg.get("lr") or TrainConfig.lr), seed=seed,
+                                        device=device))
 
 
-def to_markdown(result: CompareResult) -> str:
-    """The table as a Markdown page section."""
-    lines = [f"Model `{result.model}`, scored on `{result.data}`.", "",
-             "| method | R | size (MB) | accuracy | relative change | latency b=1 (ms) | latency b=64 (ms) | note |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in result.rows:
-        r = f"{100 * row.reduction:.0f} %" if row.reduction is not None else "-"
-        lines.append(f"| {row.method} | {r} | {row.size_bytes / 1e6:.2f} | {100 * row.accuracy:.2f} % | "
-                     f"{100 * row.relative_change:+.2f} % | {_ms(row.latency_ms.get(1)) or '-'} | "
-                     f"{_ms(row.latency_ms.get(64)) or '-'} | {row.note} |")
-    return "\n".join(lines) + "\n"
+def _table_bytes(path: Path, module: str = "embedding") -> int:
+    """Bytes of a classifier file's table tensors (factors, groups, scales included)."""
+    with load_checkpoint(path) as ckpt:
+        return sum(i.nbytes for n, i in ckpt.infos.items() if n.split(".")[0] == module)
 
 
-def plot(result: CompareResult, path: Path) -> None:
-    """Accuracy against size on disk, one marker per row."""
+OUTPUTS = {"markdown": "compare.md", "csv": "compare.csv", "json": "compare.json", "plot": "compare.png"}
+LOG_NAME = "compare.log"
+
+
+def default_output(model: Path) -> Path:
+    """``<model name>.compare`` in the current folder."""
+    return Path.cwd() / f"{model.name.removesuffix(model.suffix) if model.is_file() else model.name}.compare"
+
+
+def cache_folder(out: Path) -> Path:
+    """The cache of the original's embeddings: beside the output folder, so later runs (and ``auto``) reuse it."""
+    return out.resolve().parent / sweep.CACHE_NAME
+
+
+def compare_model(
+    model_path: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    budgets: list[str] | None = None,
+    methods: str | list[str] | None = None,
+    recover: int = 0,
+    limit: int | None = None,
+    train: str | os.PathLike[str] | None = None,
+    dev: str | os.PathLike[str] | None = None,
+    baselines: list[str] | None = None,
+    reductions: list[float] | None = None,
+    finetune_epochs: int | None = None,
+    finetune_lr: float | None = None,
+    reuse: dict[float, Path] | None = None,
+    latency: bool = True,
+    repeats: int = 20,
+    threads: int | None = None,
+    output: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """The whole ``compare``: the sweep's rows and, for a classifier with ``train`` (or ``reuse``), the protocol's;
+    the front over all of them; the outputs written to ``output`` (a folder; ``OUTPUTS`` and ``LOG_NAME``). Every
+    input is checked before the folder is created; an existing folder is replaced only with ``force``."""
+    started = time.perf_counter()
+    src = Path(model_path)
+    out = Path(output) if output is not None else default_output(src)
+    check_output(out, [src, Path(data)] + [Path(p) for p in (train, dev) if p is not None], force=force)
+    protocol = not hf.is_hf_folder(src) and (train is not None or baselines is not None)
+    if protocol:
+        baselines = parse_baselines(baselines)
+        reductions = parse_reductions(reductions)
+    log: list[TextIO] = []
+
+    def say(message: str) -> None:
+        if log:
+            log[0].write(f"{time.strftime('%H:%M:%S')} {message}\n")
+            log[0].flush()
+        if progress:
+            progress(message)
+
+    def ready() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        log.append(open(out / LOG_NAME, "w", encoding="utf-8"))
+
     try:
-        import matplotlib
-    except ImportError:
-        raise DependencyError("--plot needs matplotlib: pip install matplotlib (it is in the [dev] extra)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        result = sweep.sweep(src, data, budgets=budgets, methods=methods, recover=recover, train=train, dev=dev,
+                             limit=limit, latency=latency, threads=threads, cache_dir=cache_folder(out),
+                             device=device, seed=seed, progress=say, ready=ready)
+        if protocol:
+            say("the paper's protocol rows")
+            old = compare(src, data=data, train=train, dev=dev, baselines=baselines, reductions=reductions,
+                          finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, work_dir=out / "work",
+                          reuse=reuse, latency=latency, repeats=repeats, threads=threads, device=device, seed=seed,
+                          progress=say)
+            result.rows += [r for r in old.rows if r.method != sweep.UNCOMPRESSED]
+            result.settings["protocol"] = {k: v for k, v in old.settings.items() if k != "latency_tokens"}
+            sweep.mark_front(result.rows)
+        result.seconds = time.perf_counter() - started
+        say(f"writing {out}")
+        write_outputs(result, out)
+    finally:
+        if log:
+            log[0].close()
+    return result
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for row in result.rows:
-        label = row.method + (f" R={100 * row.reduction:.0f}%" if row.reduction is not None else "")
-        ax.scatter(row.size_bytes / 1e6, 100 * row.accuracy, label=label)
-        ax.annotate(label, (row.size_bytes / 1e6, 100 * row.accuracy), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("size on disk (MB, log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(Path(result.model).name)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+
+def write_outputs(result: SweepResult, out: Path, *, title: str | None = None) -> dict[str, Path]:
+    """Markdown, CSV, JSON and the plot into the folder ``out`` (each file atomically)."""
+    paths = {k: out / v for k, v in OUTPUTS.items()}
+    save_text(sweep.to_markdown(result, title=title), paths["markdown"])
+    save_text(sweep.to_csv(result), paths["csv"])
+    save_text(json.dumps(result.to_dict(), indent=1) + "\n", paths["json"])
+    with atomic_path(paths["plot"]) as tmp:
+        sweep.plot(result, tmp, title=title)
+    return paths

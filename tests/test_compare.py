@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from embcompress.checkpoint import load_checkpoint
-from embcompress.compare import compare, parse_baselines, parse_reductions, to_csv, to_markdown
+from embcompress.compare import compare, compare_model, parse_baselines, parse_reductions
+from embcompress import sweep
 from embcompress.errors import InputError
 from embcompress.train.loop import TrainConfig
 from embcompress.train.run import train_classifier
@@ -33,7 +34,7 @@ def test_all_rows_measured(setup, tmp_path: Path) -> None:
     result = compare(model, data=dev, train=train, dev=dev, reductions=[0.5], finetune_epochs=1, repeats=2,
                      threads=1, device="cpu")
     methods = [r.method for r in result.rows]
-    assert methods == ["uncompressed", "quant16", "quant8", "svd", "proposed", "proposed+int8", "offline"]
+    assert methods == ["uncompressed", "fair", "quant16", "quant8", "svd", "proposed", "proposed+int8", "offline"]
     by = {r.method: r for r in result.rows}
     assert by["quant8"].size_bytes < by["quant16"].size_bytes < by["uncompressed"].size_bytes
     assert by["svd"].size_bytes < by["uncompressed"].size_bytes
@@ -42,7 +43,8 @@ def test_all_rows_measured(setup, tmp_path: Path) -> None:
     for row in result.rows:
         assert 0.0 <= row.accuracy <= 1.0
         assert row.latency_ms[1] > 0 and row.latency_ms[64] > 0 and Path(row.onnx).exists()
-    assert "offline" in to_markdown(result) and to_csv(result).count("\n") == 8
+    assert by["fair"].recovered and "trained 2 + 1 epochs" in by["fair"].note
+    assert by["svd"].table_bytes < by["uncompressed"].table_bytes and by["svd"].budget < 1
 
 
 def test_reuse_skips_training_and_needs_train_otherwise(setup, tmp_path: Path) -> None:
@@ -97,3 +99,22 @@ def test_groupreduce_row_is_asked_for_by_name(setup) -> None:
     proposed = next(r for r in result.rows if r.method == "proposed")
     with load_checkpoint(row.checkpoint) as ours, load_checkpoint(proposed.checkpoint) as plain:
         assert ours.total_bytes <= plain.total_bytes  # the same budget, the groups map included
+
+
+def test_compare_model_joins_sweep_and_protocol_rows(setup, tmp_path: Path) -> None:
+    model, train, dev = setup
+    out = tmp_path / "cmp"
+    result = compare_model(model, dev, budgets=["0.3"], methods="svd,svd+int8", train=train, dev=dev,
+                           baselines=["svd", "fair"], reductions=[0.5], finetune_epochs=1, latency=False, output=out,
+                           device="cpu")
+    methods = [r.method for r in result.rows]
+    assert methods[:3] == ["uncompressed", "svd", "svd+int8"] and {"fair", "proposed"} <= set(methods)
+    assert methods.count("uncompressed") == 1 and any(r.pareto for r in result.rows)
+    for name in ("compare.md", "compare.csv", "compare.json", "compare.png", "compare.log"):
+        assert (out / name).is_file()
+    assert "[1/2] svd at 0.3" in (out / "compare.log").read_text()
+    doc = (out / "compare.json").read_text()
+    assert '"fair"' in doc and '"pareto": true' in doc
+    with pytest.raises(Exception, match="already exists"):
+        compare_model(model, dev, budgets=["0.3"], methods="svd", output=out, latency=False)
+    assert sweep.to_csv(result).count("\n") == len(result.rows) + 1

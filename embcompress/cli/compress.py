@@ -12,6 +12,7 @@ from .. import workspace
 from ..errors import InputError
 from ..methods import get
 from ..ops.compress import compress as compress_checkpoint
+from ..ops.plan import AUTO, compress_auto
 from ..core import parse_method
 from ._options import CheckpointArg, DeviceOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
 from ._progress import spinner
@@ -28,6 +29,8 @@ EXAMPLES = """Examples:
   embcompress compress dan.safetensors --method svd+int8 --budget 0.05
 
   embcompress compress dan.safetensors --method groupreduce --budget 0.1 --corpus train.jsonl --json
+
+  embcompress compress ./all-MiniLM-L6-v2 --method auto --budget 0.05 --data texts.txt   (every method measured)
 
   embcompress methods        (every registered method and its options)
 """
@@ -74,7 +77,8 @@ def split_options(method: str, pairs: list[str] | None) -> tuple[dict[str, Any],
 def compress(
     path: CheckpointArg,
     method: Annotated[str, typer.Option("--method", "-m", help="A registered structure or storage, or "
-                      "structure+storage (svd+int8); `embcompress methods` lists them.")],
+                      "structure+storage (svd+int8); `embcompress methods` lists them. auto: every method measured "
+                      "at --budget on --data, the best written.")],
     budget: Annotated[str | None, typer.Option("--budget", "-b", help="Bytes for the tables: a fraction of their "
                       "float32 bytes (0.05) or a size (2MB). The method picks its own parameters to fit.",
                       show_default=False)] = None,
@@ -85,6 +89,11 @@ def compress(
                       "a line) for methods that weight by frequency.", show_default=False)] = None,
     corpus: Annotated[Path | None, typer.Option("--corpus", help="Texts (.txt or .jsonl) whose tokens are counted "
                       "with the model's tokenizer.", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="With --method auto: the texts (.txt, or .jsonl with "
+                    "text and optional label) every method is scored on.", show_default=False)] = None,
+    min_quality: Annotated[float | None, typer.Option("--min-quality", help="With --method auto: write the "
+                           "smallest representation whose quality (mean cosine, or accuracy) reaches this, in (0, 1].",
+                           show_default=False)] = None,
     output: OutputOpt = None,
     force: ForceOpt = False,
     device: DeviceOpt = "cpu",
@@ -97,6 +106,9 @@ def compress(
     `--budget`, the method's options (`--set`) or its defaults apply.
     """
     workspace.check_record()
+    if method == AUTO:
+        _auto(path, budget, data, min_quality, output, force, device, json)
+        return
     s_opts, t_opts = split_options(method, options)
     for part in method.split("+"):
         if part.strip() and part.strip() != "dense":
@@ -133,3 +145,27 @@ def _chosen(t: dict[str, Any]) -> str:
     keep = {k: v for k, v in {**t["config"], **t["storage_config"]}.items()
             if v is not None and k not in ("force", "seed", "iterations", "algorithm")}
     return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
+
+
+def _auto(path: Path, budget: str | None, data: Path | None, min_quality: float | None, output: Path | None,
+          force: bool, device: str, json: bool) -> None:
+    with spinner("measuring every method", not json) as say:
+        result = compress_auto(path, budget=budget, data=data, min_quality=min_quality, output=output, force=force,
+                               device=device, progress=say)
+    written = result.written
+    workspace.record("compress", options={"method": AUTO, "budget": budget, "min_quality": min_quality},
+                     inputs=[("model", path), ("data", data)], outputs=[("model", Path(written.output))],
+                     figures={"chosen": written.method, "quality": result.choice.row.quality,
+                              "table_bytes_before": written.table_bytes_before,
+                              "table_bytes_after": written.table_bytes_after, "file_bytes_after": written.file_bytes_after})
+    if json:
+        print_json(result.to_dict())
+        return
+    front = [[r.method, human_bytes(r.table_bytes or 0), f"{(r.table_bytes or 0) / result.sweep.float32_bytes:.4f}",
+              f"{r.quality:.4f}", "<-" if r is result.choice.row else ""] for r in result.choice.front]
+    console.print(table(f"The front on {data} ({result.sweep.settings['texts']} texts; {result.sweep.quality})",
+                        ["method", "table", "x float32", "quality", "chosen"], front))
+    console.print(f"chose {written.method}: {result.choice.why}")
+    console.print(f"wrote {written.output}: tables {human_bytes(written.table_bytes_before)} -> "
+                  f"{human_bytes(written.table_bytes_after)}, file {human_bytes(written.file_bytes_before)} -> "
+                  f"{human_bytes(written.file_bytes_after)}")

@@ -1,0 +1,129 @@
+"""The budget sweep (embcompress.sweep) on a tiny random BERT and a tiny DAN: every registered method, rows that
+cannot fit, the cache of the original's embeddings, the probe, the front, and refused inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from embcompress import sweep  # noqa: E402
+from embcompress.errors import DataError, InputError  # noqa: E402
+from embcompress.methods import registered  # noqa: E402
+from tests.builders import write_sentiment_jsonl  # noqa: E402
+from tests.test_hf import TEXTS, tiny_bert  # noqa: E402
+
+FAST = "svd,int8,svd+int8,lowbit"
+
+
+@pytest.fixture
+def bert(tmp_path: Path) -> Path:
+    return tiny_bert(tmp_path / "bert")
+
+
+def _texts(path: Path, labels: list | None = None, n: int = 28) -> Path:
+    lines = [TEXTS[i % len(TEXTS)] + f" w{i}" for i in range(n)]
+    if labels is None:
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps({"text": t, "label": labels[i % len(labels)]}) + "\n"
+                                for i, t in enumerate(lines)), encoding="utf-8")
+    return path
+
+
+def test_every_registered_method_is_a_row_and_the_front_holds(bert: Path, tmp_path: Path) -> None:
+    result = sweep.sweep(bert, _texts(tmp_path / "t.txt"), budgets=["0.3"], cache_dir=tmp_path / "c")
+    names = sweep.candidates()
+    for m in registered():
+        assert m.name in names
+    assert len(result.rows) == 1 + len(names)
+    assert result.rows[0].method == sweep.UNCOMPRESSED and result.rows[0].quality == pytest.approx(1.0)
+    measured = [r for r in result.rows[1:] if r.fits]
+    assert measured and any(not r.fits for r in result.rows)  # fp16 alone cannot reach 0.3 of float32
+    for r in measured:
+        assert r.table_bytes <= r.budget_bytes < result.float32_bytes
+        assert r.file_bytes < result.rows[0].file_bytes
+        assert -1 <= r.cosine["worst"] <= r.cosine["p05"] <= r.quality <= 1 + 1e-9
+    for r in result.rows:
+        if not r.fits:
+            assert r.note.startswith(("cannot fit", "over the budget")) and not r.pareto
+    front = result.front()
+    for r in front:  # nothing measured is both smaller and better
+        assert not any(o.table_bytes < r.table_bytes and o.quality > r.quality for o in measured)
+    off = [r for r in measured if not r.pareto]
+    for r in off:
+        assert any(o.table_bytes <= r.table_bytes and o.quality >= r.quality for o in front)
+
+
+def test_cache_is_reused_and_keyed_by_the_texts(bert: Path, tmp_path: Path) -> None:
+    texts = _texts(tmp_path / "t.txt")
+    first = sweep.sweep(bert, texts, budgets=["0.2"], methods="int8", cache_dir=tmp_path / "c")
+    again = sweep.sweep(bert, texts, budgets=["0.2"], methods="int8", cache_dir=tmp_path / "c")
+    assert not first.settings["cache_hit"] and again.settings["cache_hit"]
+    assert again.rows[1].quality == pytest.approx(first.rows[1].quality, abs=1e-12)
+    other = sweep.sweep(bert, _texts(tmp_path / "u.txt", n=20), budgets=["0.2"], methods="int8",
+                        cache_dir=tmp_path / "c")
+    assert not other.settings["cache_hit"] and len(list((tmp_path / "c").iterdir())) == 2
+
+
+def test_probe_on_labelled_texts_and_mixed_labels_refused(bert: Path, tmp_path: Path) -> None:
+    result = sweep.sweep(bert, _texts(tmp_path / "t.jsonl", ["neg", "pos"]), budgets=["0.3"], methods="svd")
+    assert 0 <= result.rows[0].probe <= 1 and 0 <= result.rows[1].probe <= 1
+    with pytest.raises(DataError, match="mixed"):
+        sweep.sweep(bert, _texts(tmp_path / "m.jsonl", [0, "pos"]), budgets=["0.3"], methods="svd")
+
+
+def test_probe_separates_separable_features() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    labels = ["a" if v > 0 else "b" for v in x[:, 0]]
+    assert sweep.probe_accuracy(x, labels) > 0.95
+    assert sweep.probe_accuracy(torch.randn(200, 5, generator=g), labels) < 0.75
+
+
+@pytest.mark.parametrize("budgets, match", [(["1.5"], "in \\(0, 1\\)"), (["0"], "positive|in \\(0, 1\\)"),
+                                            (["10GB"], "at or above")])
+def test_bad_budgets_refused_before_anything_is_written(bert: Path, tmp_path: Path, budgets: list[str],
+                                                        match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        sweep.sweep(bert, _texts(tmp_path / "t.txt"), budgets=budgets, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_unknown_method_and_empty_texts_refused(bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="unknown method 'nope'"):
+        sweep.sweep(bert, _texts(tmp_path / "t.txt"), methods="svd,nope")
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no texts"):
+        sweep.sweep(bert, tmp_path / "empty.txt", methods="svd")
+    with pytest.raises(DataError, match="no such file"):
+        sweep.sweep(bert, tmp_path / "missing.txt", methods="svd")
+
+
+def test_recovery_rows_stay_in_budget(bert: Path, tmp_path: Path) -> None:
+    result = sweep.sweep(bert, _texts(tmp_path / "t.txt"), budgets=["0.2"], methods="svd+int8", recover=3)
+    plain, rec = result.rows[1], result.rows[2]
+    assert not plain.recovered and rec.recovered and rec.table_bytes == plain.table_bytes
+    assert rec.quality is not None and "distillation" in rec.note
+
+
+def test_classifier_rows_score_accuracy(tmp_path: Path) -> None:
+    from embcompress.train.loop import TrainConfig
+    from embcompress.train.run import train_classifier
+
+    train = write_sentiment_jsonl(tmp_path / "train.jsonl", 120)
+    dev = write_sentiment_jsonl(tmp_path / "dev.jsonl", 40, 1)
+    model = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=16,
+                             config=TrainConfig(epochs=1, batch_size=16, device="cpu")).output
+    result = sweep.sweep(model, dev, budgets=["0.3"], methods=FAST + ",groupreduce", recover=2, train=train, dev=dev)
+    assert result.family == sweep.CLASSIFIER
+    rows = [r for r in result.rows if r.fits]
+    assert {r.method for r in rows} >= {"uncompressed", "svd", "svd+int8", "groupreduce"}
+    assert all(0 <= r.accuracy <= 1 and r.quality == r.accuracy for r in rows)
+    assert any(r.recovered for r in rows)
+    with pytest.raises(InputError, match="--train"):
+        sweep.sweep(model, dev, budgets=["0.3"], methods="svd", recover=2)
