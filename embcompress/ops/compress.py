@@ -145,6 +145,9 @@ def compress(
     progress: Callable[[str], None] | None = None,
 ) -> CompressResult:
     """Compress the checkpoint's tables with ``method`` and write the result; every check runs before writing."""
+    if method == "auto":
+        raise InputError("--method auto measures every method on your texts first: give --data TEXTS "
+                         "(embcompress.ops.plan.compress_auto)")
     start = time.perf_counter()
     src = Path(path)
     options, storage_options = dict(options or {}), dict(storage_options or {})
