@@ -85,6 +85,47 @@ def make_spec(method: str, options: Mapping[str, Any] | None = None,
                 storage, storage.config.from_dict(storage_options) if storage else None)
 
 
+def _value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes"):
+        return True
+    if low in ("false", "no"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_options(method: str, pairs: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--set name=value`` pairs -> (structure options, storage options), by which config has the field;
+    ``high.bits=4`` sets a key of a dict-valued option."""
+    structure, storage = parse_method(method)
+    s_fields = {f.name for f in dataclasses.fields(structure.config)} if structure else set()
+    t_fields = {f.name for f in dataclasses.fields(storage.config)} if storage else set()
+    s_opts: dict[str, Any] = {}
+    t_opts: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, raw = pair.partition("=")
+        name = name.strip().replace("-", "_")
+        head, dot, key = name.partition(".")
+        if not sep or not name or (dot and not key):
+            raise InputError(f"--set takes name=value, got {pair!r}")
+        target = s_opts if head in s_fields else t_opts if head in t_fields else None
+        if target is None:
+            known = ", ".join(sorted(s_fields | t_fields)) or "none"
+            raise InputError(f"--set {head}: {method} has no such option (its options: {known})")
+        if dot:
+            target.setdefault(head, {})[key] = _value(raw)
+        else:
+            target[head] = _value(raw)
+    return s_opts, t_opts
+
+
 def spec_for_budget(method: str, rows: int, dim: int, budget: int, options: Mapping[str, Any] | None = None,
                     storage_options: Mapping[str, Any] | None = None) -> Spec:
     """The spec whose stored bytes for a ``rows`` x ``dim`` table fit ``budget`` bytes, each method choosing its

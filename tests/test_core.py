@@ -119,3 +119,14 @@ def test_low_rank_with_a_storage_is_fitted_as_lplr(storage: str, bits: int | Non
 def test_budget_with_low_bit_factors_rounds_the_rank_to_the_group() -> None:
     spec = core.spec_for_budget("svd+lowbit", 2000, 64, int(0.05 * 4 * 2000 * 64), storage_options={"bits": 2})
     assert spec.structure_config.rank % spec.storage_config.group_size == 0
+
+
+def test_set_options_split_by_config_and_dotted_keys() -> None:
+    s, t = core.split_options("svd+lowbit", ["rank=64", "bits=2", "refine=true"])
+    assert s == {"rank": 64} and t == {"bits": 2, "refine": True}
+    s, _ = core.split_options("tiered", ["method=pq", "high.subvector=3", "low.centroids=128"])
+    assert s == {"method": "pq", "high": {"subvector": 3}, "low": {"centroids": 128}}
+    with pytest.raises(InputError, match="no such option"):
+        core.split_options("int8", ["rank=4"])
+    with pytest.raises(InputError, match="name=value"):
+        core.split_options("svd", ["rank"])

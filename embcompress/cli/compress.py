@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from .. import workspace
-from ..errors import InputError
 from ..methods import get
 from ..ops.compress import compress as compress_checkpoint
 from ..ops.plan import AUTO, compress_auto
-from ..core import parse_method
+from .. import core
 from ._options import CheckpointArg, DeviceOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
 from ._progress import spinner
 from ._render import console, human_bytes, print_json, shape, table
@@ -36,44 +34,6 @@ EXAMPLES = """Examples:
 """
 
 
-def _value(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "yes"):
-        return True
-    if low in ("false", "no"):
-        return False
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def split_options(method: str, pairs: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``--set name=value`` pairs -> (structure options, storage options), by which config has the field."""
-    structure, storage = parse_method(method)
-    s_fields = {f.name for f in dataclasses.fields(structure.config)} if structure else set()
-    t_fields = {f.name for f in dataclasses.fields(storage.config)} if storage else set()
-    s_opts: dict[str, Any] = {}
-    t_opts: dict[str, Any] = {}
-    for pair in pairs or []:
-        name, sep, raw = pair.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or not name:
-            raise InputError(f"--set takes name=value, got {pair!r}")
-        if name in s_fields:
-            s_opts[name] = _value(raw)
-        elif name in t_fields:
-            t_opts[name] = _value(raw)
-        else:
-            known = ", ".join(sorted(s_fields | t_fields)) or "none"
-            raise InputError(f"--set {name}: {method} has no such option (its options: {known})")
-    return s_opts, t_opts
-
-
 def compress(
     path: CheckpointArg,
     method: Annotated[str, typer.Option("--method", "-m", help="A registered structure or storage, or "
@@ -94,6 +54,8 @@ def compress(
     min_quality: Annotated[float | None, typer.Option("--min-quality", help="With --method auto: write the "
                            "smallest representation whose quality (mean cosine, or accuracy) reaches this, in (0, 1].",
                            show_default=False)] = None,
+    methods: Annotated[str | None, typer.Option("--methods", help="With --method auto: the comma-separated methods "
+                       "to measure (default: every registered one and combination).", show_default=False)] = None,
     output: OutputOpt = None,
     force: ForceOpt = False,
     device: DeviceOpt = "cpu",
@@ -107,9 +69,9 @@ def compress(
     """
     workspace.check_record()
     if method == AUTO:
-        _auto(path, budget, data, min_quality, output, force, device, json)
+        _auto(path, budget, data, min_quality, methods, output, force, device, json)
         return
-    s_opts, t_opts = split_options(method, options)
+    s_opts, t_opts = core.split_options(method, options)
     for part in method.split("+"):
         if part.strip() and part.strip() != "dense":
             get(part.strip())
@@ -147,15 +109,17 @@ def _chosen(t: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
 
 
-def _auto(path: Path, budget: str | None, data: Path | None, min_quality: float | None, output: Path | None,
-          force: bool, device: str, json: bool) -> None:
+def _auto(path: Path, budget: str | None, data: Path | None, min_quality: float | None, methods: str | None,
+          output: Path | None, force: bool, device: str, json: bool) -> None:
     with spinner("measuring every method", not json) as say:
-        result = compress_auto(path, budget=budget, data=data, min_quality=min_quality, output=output, force=force,
-                               device=device, progress=say)
+        result = compress_auto(path, budget=budget, data=data, min_quality=min_quality, methods=methods,
+                               output=output, force=force, device=device, progress=say)
     written = result.written
-    workspace.record("compress", options={"method": AUTO, "budget": budget, "min_quality": min_quality},
+    workspace.record("compress", options={"method": AUTO, "budget": budget, "min_quality": min_quality,
+                                          "methods": methods},
                      inputs=[("model", path), ("data", data)], outputs=[("model", Path(written.output))],
                      figures={"chosen": written.method, "quality": result.choice.row.quality,
+                              "why": result.choice.why, "cosine": result.choice.row.cosine,
                               "table_bytes_before": written.table_bytes_before,
                               "table_bytes_after": written.table_bytes_after, "file_bytes_after": written.file_bytes_after})
     if json:

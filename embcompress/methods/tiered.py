@@ -1,137 +1,188 @@
-"""``tiered`` structure: frequency-aware bits, frequent tokens kept in more bits than rare ones (needs token counts).
+"""``tiered`` structure: frequency-aware allocation, frequent tokens stored finer than rare ones (needs token counts).
 
-As GroupReduce gives frequent rows more rank, this gives them more bits: the rows are ranked by how often their token
-occurs in the user's texts, the top ``frequent`` fraction is stored in ``high_bits`` low-bit groups and the rest in
-``low_bits`` (both with the ``lowbit`` storage's packed layout, so each tier exports to onnxruntime's
-GatherBlockQuantized). ``weight_tiers`` (uint8) names each row's tier; a row's place inside its tier follows token id
-order. A budget sets the fraction of frequent rows.
+As GroupReduce gives frequent rows more rank, this gives them more bits or finer codebooks: the rows are ranked by
+how often their token occurs in the user's texts, the top ``frequent`` fraction is kept by ``method`` with the
+``high`` options and the rest with the ``low`` options: ``lowbit`` tiers (4-bit and 2-bit groups by default, each
+exported to onnxruntime's GatherBlockQuantized) or ``pq`` tiers (e.g. 2-dim subvectors for frequent rows, 8-dim for
+the rest). ``weight_tiers`` (uint8) names each row's tier; a row's place inside its tier follows token id order. A
+budget sets the fraction of frequent rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import InputError
-from .base import STRUCTURE, BudgetError, Config, Context, Method, Table, register
-from .lowbit import LowBitConfig, dequantize_lowbit, gather_lowbit, quantize_lowbit
+from . import base
+from .base import STORAGE, STRUCTURE, BudgetError, Config, Context, Method, StoredTable, Table, register
 
 TIER_MAP_BYTES = 1  # one uint8 a row
+TIER_METHODS = ("lowbit", "pq")
+DEFAULTS = {"lowbit": ({"bits": 4}, {"bits": 2}), "pq": ({"subvector": 2}, {"subvector": 8})}
 
 
 @dataclass(frozen=True)
 class TieredConfig(Config):
-    """Which fraction of rows (the most frequent) gets ``high_bits``; the rest ``low_bits``; groups of ``group_size``."""
+    """The top ``frequent`` fraction of rows kept by ``method`` with the ``high`` options, the rest with ``low``
+    (empty options take the method's defaults for that tier: 4 and 2 bits, or 2- and 8-dim subvectors)."""
 
     frequent: float = 0.1
-    high_bits: int = 4
-    low_bits: int = 2
-    group_size: int = 32
-    refine: bool = False
+    method: str = "lowbit"
+    high: dict[str, Any] = field(default_factory=dict)
+    low: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.frequent <= 1.0:
             raise InputError(f"frequent must be a fraction of the rows in [0, 1], got {self.frequent}")
-        if self.high_bits <= self.low_bits:
-            raise InputError(f"high_bits ({self.high_bits}) must be above low_bits ({self.low_bits})")
-        self.tier(self.high_bits)
-        self.tier(self.low_bits)
+        if self.method not in TIER_METHODS:
+            raise InputError(f"tiered method must be one of {', '.join(TIER_METHODS)}, got {self.method!r}")
+        if not isinstance(self.high, dict) or not isinstance(self.low, dict):
+            raise InputError("tiered high and low are options of the tier method, name=value")
+        self.tier(0)
+        self.tier(1)
 
-    def tier(self, bits: int) -> LowBitConfig:
-        return LowBitConfig(bits=bits, group_size=self.group_size, refine=self.refine)
+    def tier(self, c: int) -> Config:
+        """The options of tier ``c`` (0: frequent rows, 1: the rest)."""
+        high, low = DEFAULTS[self.method]
+        options = {**high, **self.high} if c == 0 else {**low, **self.low}
+        return base.get(self.method).config.from_dict(options)
 
     def rows(self, rows: int) -> tuple[int, int]:
         high = int(round(self.frequent * rows))
         return high, rows - high
 
     def stored_bytes(self, rows: int, dim: int) -> int:
-        high, low = self.rows(rows)
-        return (self.tier(self.high_bits).stored_bytes(high, dim) + self.tier(self.low_bits).stored_bytes(low, dim)
-                + TIER_MAP_BYTES * rows)
+        total = TIER_MAP_BYTES * rows
+        for c, n in enumerate(self.rows(rows)):
+            total += self.tier(c).stored_bytes(n, dim) if n else 2 * dim  # an empty tier's one fp16 row
+        return total
 
     @classmethod
     def for_budget(cls, rows: int, dim: int, budget: int, **options: Any) -> TieredConfig:
-        """The largest fraction of frequent rows that fits."""
-        base = cls(**{**options, "frequent": 0.0})
-        per_high = base.tier(base.high_bits).stored_bytes(1, dim)
-        per_low = base.tier(base.low_bits).stored_bytes(1, dim)
-        room = budget - rows * (per_low + TIER_MAP_BYTES)
-        if room < 0:
-            raise BudgetError(f"tiered needs at least {rows * (per_low + TIER_MAP_BYTES)} bytes for a {rows} x {dim} "
-                              f"table ({base.low_bits}-bit rows), over the budget of {budget}")
-        high = min(rows, room // max(1, per_high - per_low))
-        return cls(**{**options, "frequent": high / rows})
+        """The largest fraction of frequent rows that fits (the stored bytes grow with it; a tier too small for
+        its method, such as fewer rows than a codebook's centroids, is skipped)."""
+        options.pop("frequent", None)
+
+        def bytes_at(n: int) -> int | None:
+            try:
+                return cls(**options, frequent=n / rows).stored_bytes(rows, dim)
+            except InputError:
+                return None
+
+        if bytes_at(0) is None or bytes_at(0) > budget:
+            raise BudgetError(f"tiered needs at least {bytes_at(0)} bytes for a {rows} x {dim} table (every row in "
+                              f"the low tier), over the budget of {budget}")
+        lo, hi = 1, rows - 1  # the smallest frequent tier its method accepts
+        while lo < hi and bytes_at(lo) is None:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if bytes_at(mid) is None else (lo, mid)
+        best = 0
+        top = rows
+        while top > lo and bytes_at(top) is None:
+            top -= max(1, (top - lo) // 2) if bytes_at((top + lo) // 2) is None else 1
+        a, b = lo, top
+        while a <= b:
+            mid = (a + b) // 2
+            got = bytes_at(mid)
+            if got is not None and got <= budget:
+                best, a = mid, mid + 1
+            else:
+                b = mid - 1
+        return cls(**options, frequent=best / rows)
+
+
+def _empty(dim: int) -> Table:
+    """An empty tier's stand-in (one fp16 row of zeros), so the file form stays regular whatever the method."""
+    fp16 = base.get("fp16")
+    return StoredTable(fp16, fp16.config(), {"": torch.zeros(1, dim, dtype=torch.float16)}, 1, dim)
+
+
+def _tier_table(method: Method, config: Config, rows: torch.Tensor, context: Context) -> Table:
+    """One tier's table from its rows of the dense table."""
+    if method.kind == STORAGE:
+        return StoredTable(method, config, method.quantize(rows, config), rows.shape[0], rows.shape[1])
+    return method.encode(rows, config, context)
 
 
 class TieredTable(Table):
-    """Rows in tiers of low-bit groups, decoded per looked-up row (one gather per tier, masked)."""
+    """Rows in two tiers, each a table of the tier method; a lookup gathers from each tier, masked."""
 
     method = "tiered"
 
-    def __init__(self, config: TieredConfig, stored: Mapping[str, torch.Tensor], tiers: torch.Tensor, dim: int,
+    def __init__(self, config: TieredConfig, tiers: torch.Tensor, parts: list[Table], dim: int,
                  padding_idx: int | None = None) -> None:
         super().__init__()
         self._config = config
         self.num_embeddings, self.embedding_dim, self.padding_idx = int(tiers.numel()), dim, padding_idx
         self.register_buffer("weight_tiers", tiers.to(torch.uint8).clone())
-        self._names = sorted(stored)
-        for name, t in stored.items():
-            self.register_buffer(name, t.detach().clone())
+        self.parts = nn.ModuleList(parts)
         self._sizes = [int((self.weight_tiers == c).sum()) for c in (0, 1)]
-        place = torch.empty(self.num_embeddings, dtype=torch.long)
+        place = torch.zeros(self.num_embeddings, dtype=torch.long)
         for c in (0, 1):
             mine = (self.weight_tiers == c).nonzero().flatten()
             place[mine] = torch.arange(mine.numel())
         self.register_buffer("rows", place, persistent=False)
 
-    def _tier(self, c: int) -> dict[str, torch.Tensor]:
-        prefix = f"tier{c}"
-        return {k[len(prefix):]: getattr(self, k) for k in self._names if k.startswith(prefix)}
-
-    def _bits(self, c: int) -> int:
-        return self._config.high_bits if c == 0 else self._config.low_bits
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tiers, rows = self.weight_tiers[ids], self.rows[ids]
         out = None
-        for c in (0, 1):
+        for c, part in enumerate(self.parts):
             if not self._sizes[c]:
                 continue
-            stored = self._tier(c)
             mine = tiers == c
-            part = gather_lowbit(stored, torch.where(mine, rows, torch.zeros_like(rows)),
-                                 self._config.tier(self._bits(c)), self.embedding_dim)
-            part = part * mine.unsqueeze(-1).to(part.dtype)
-            out = part if out is None else out + part
+            got = part(torch.where(mine, rows, torch.zeros_like(rows)))
+            got = got * mine.unsqueeze(-1).to(got.dtype)
+            out = got if out is None else out + got
+        if self.padding_idx is not None:
+            out = out * (ids != self.padding_idx).unsqueeze(-1).to(out.dtype)
         return out
 
     def dense_weight(self) -> torch.Tensor:
         return self.forward(torch.arange(self.num_embeddings, device=self.weight_tiers.device))
 
-    def recoverable(self) -> list[torch.nn.Parameter]:
-        return []
+    def recoverable(self) -> list[nn.Parameter]:
+        return [p for part in self.parts for p in part.recoverable()]
 
     def config(self) -> Config:
         return self._config
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight_tiers": self.weight_tiers, **{k: getattr(self, k) for k in self._names}}
+        out = {"weight_tiers": self.weight_tiers}
+        for c, part in enumerate(self.parts):
+            out.update({f"parts.{c}.{k}": v for k, v in part.tensors().items()})
+        return out
 
     def storable(self) -> list[str]:
         return []
 
     def info(self) -> dict[str, Any]:
-        high = int((self.weight_tiers == 0).sum())
-        return {"frequent_rows": high, **super().info()}
+        return {"frequent_rows": self._sizes[0], **super().info()}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], entry: Mapping[str, Any]) -> TieredTable:
         config = TieredConfig.from_dict(entry.get("config"))
-        stored = {k: v for k, v in tensors.items() if k.startswith("tier")}
-        return cls(config, stored, tensors["weight_tiers"], int(entry["shape"][1]), entry.get("padding_idx"))
+        method = base.get(config.method)
+        dim = int(entry["shape"][1])
+        tiers = tensors["weight_tiers"]
+        parts: list[Table] = []
+        for c in (0, 1):
+            mine = {k[len(f"parts.{c}."):]: v for k, v in tensors.items() if k.startswith(f"parts.{c}.")}
+            n = int((tiers == c).sum())
+            if n == 0:
+                parts.append(_empty(dim))
+            elif method.kind == STORAGE:
+                stored = {k.removeprefix("weight"): v for k, v in mine.items()}
+                parts.append(StoredTable(method, config.tier(c), stored, n, dim))
+            else:
+                part = method.table.from_tensors(mine, {"config": config.tier(c).to_dict(), "shape": [n, dim]})
+                part._config = config.tier(c)
+                parts.append(part)
+        return cls(config, tiers, parts, dim, entry.get("padding_idx"))
 
 
 def _encode(W: torch.Tensor, config: TieredConfig, context: Context) -> TieredTable:
@@ -144,30 +195,25 @@ def _encode(W: torch.Tensor, config: TieredConfig, context: Context) -> TieredTa
     order = torch.argsort(-context.counts.to(torch.float64), stable=True)
     tiers = torch.ones(V, dtype=torch.uint8)
     tiers[order[:high]] = 0
-    stored = {}
+    method = base.get(config.method)
+    dense = W.detach().float().cpu()
+    parts = []
     for c in (0, 1):
         rows = (tiers == c).nonzero().flatten()
-        bits = config.high_bits if c == 0 else config.low_bits
-        part = quantize_lowbit(W.detach().float().cpu()[rows], config.tier(bits))
-        stored.update({f"tier{c}{suffix}": t for suffix, t in part.items()})
-    return TieredTable(config, stored, tiers, d, context.padding_idx)
-
-
-def dequantize_rows(table: TieredTable) -> torch.Tensor:
-    """The whole table decoded tier by tier (for tests and dense tools)."""
-    out = torch.empty(table.num_embeddings, table.embedding_dim)
-    for c in (0, 1):
-        rows = (table.weight_tiers == c).nonzero().flatten()
-        bits = table._bits(c)
-        out[rows] = dequantize_lowbit(table._tier(c), table._config.tier(bits), (rows.numel(), table.embedding_dim))
-    return out
+        if rows.numel() == 0:
+            parts.append(_empty(d))
+            continue
+        tier_context = Context(counts=context.counts[rows], device=context.device, seed=context.seed)
+        parts.append(_tier_table(method, config.tier(c), dense[rows], tier_context))
+    return TieredTable(config, tiers, parts, d, context.padding_idx)
 
 
 METHOD = register(Method(
     name="tiered",
     kind=STRUCTURE,
     config=TieredConfig,
-    description="frequency-aware low-bit groups: frequent tokens in more bits (e.g. 4), the rest in fewer (2)",
+    description="frequency-aware: frequent tokens stored finer (lowbit 4-bit vs 2-bit, or pq 2- vs 8-dim "
+                "subvectors)",
     encode=_encode,
     table=TieredTable,
     needs=("counts",),

@@ -10,7 +10,7 @@ import torch
 from embcompress import core
 from embcompress.errors import InputError
 from embcompress.methods import BudgetError, Context
-from embcompress.methods.tiered import TieredConfig, dequantize_rows
+from embcompress.methods.tiered import TieredConfig
 
 W = torch.randn(1000, 64, generator=torch.Generator().manual_seed(0))
 COUNTS = torch.arange(1000, 0, -1).double()  # row 0 the most frequent
@@ -31,7 +31,7 @@ def test_budget_sets_the_frequent_rows_and_fits(fraction: float) -> None:
     assert high == round(spec.structure_config.frequent * 1000) > 0
     assert set((table.weight_tiers == 0).nonzero().flatten().tolist()) == set(range(high))  # the most frequent
     dense = table.dense_weight()
-    torch.testing.assert_close(dense, dequantize_rows(table))
+    torch.testing.assert_close(dense[[3, 700]], table(torch.tensor([3, 700])))
     assert _error(dense[:high], W[:high]) < 0.5 * _error(dense[high:], W[high:])  # 4 bits against 2
 
 
@@ -51,8 +51,10 @@ def test_file_form_round_trip() -> None:
 def test_refused() -> None:
     with pytest.raises(InputError, match="needs token counts"):
         core.encode_table(W, core.make_spec("tiered"))
-    with pytest.raises(InputError, match="high_bits"):
-        TieredConfig(high_bits=2, low_bits=4)
+    with pytest.raises(InputError, match="tiered method"):
+        TieredConfig(method="svd")
+    with pytest.raises(InputError, match="bits"):
+        TieredConfig(high={"bits": 5})
     with pytest.raises(BudgetError):
         core.spec_for_budget("tiered", 1000, 64, int(0.05 * 4 * W.numel()))
 
@@ -68,3 +70,20 @@ def test_onnx_lookup_matches_torch(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"ids": ids.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), table(ids))
+
+
+def test_pq_tiers_and_an_empty_tier() -> None:
+    W2 = torch.randn(2000, 32, generator=torch.Generator().manual_seed(5))
+    counts = torch.arange(2000, 0, -1).double()
+    spec = core.make_spec("tiered", {"method": "pq", "frequent": 0.3, "high": {"subvector": 2, "centroids": 64},
+                                     "low": {"subvector": 8, "centroids": 64, "iterations": 5}})
+    table = core.encode_table(W2, spec, Context(counts=counts))
+    entry = core.table_entry(table)
+    assert entry["bytes"] == spec.structure_config.stored_bytes(2000, 32)
+    assert sum(p.numel() for p in table.recoverable()) > 0  # the codebooks train in recovery
+    dense = table.dense_weight()
+    assert _error(dense[:600], W2[:600]) < _error(dense[600:], W2[600:])
+    empty = core.make_spec("tiered", {"method": "pq", "frequent": 0.0, "low": {"subvector": 8, "centroids": 64}})
+    flat = core.encode_table(W2, empty, Context(counts=counts))
+    again = core.table_from_tensors(core.table_entry(flat), core.table_tensors(flat))
+    torch.testing.assert_close(again(torch.tensor([0, 1999])), flat(torch.tensor([0, 1999])))
