@@ -464,7 +464,7 @@ def tables_of(model: nn.Module) -> dict[str, Table]:
     seen: set[int] = set()
     for name, mod in model.named_modules():
         if isinstance(mod, Table) and id(mod) not in seen:
-            seen.add(id(mod))
+            seen.update(id(m) for m in mod.modules())  # a table's own parts (tiers) are not tables of the model
             out[name] = mod
     return out
 

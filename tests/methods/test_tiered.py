@@ -87,3 +87,14 @@ def test_pq_tiers_and_an_empty_tier() -> None:
     flat = core.encode_table(W2, empty, Context(counts=counts))
     again = core.table_from_tensors(core.table_entry(flat), core.table_tensors(flat))
     torch.testing.assert_close(again(torch.tensor([0, 1999])), flat(torch.tensor([0, 1999])))
+
+
+def test_a_model_with_a_tiered_table_saves_one_table() -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(1000, 64))
+    core.compress_(model, core.make_spec("tiered", {"frequent": 0.2}), tables=["0"], counts=COUNTS)
+    assert list(core.tables_of(model)) == ["0"]
+    state, entries = core.model_state(model)
+    assert list(entries) == ["0.weight"] and "0.parts.0.weight" in state
+    fresh = torch.nn.Sequential(torch.nn.Embedding(1000, 64))
+    core.attach(fresh, state, entries)
+    torch.testing.assert_close(fresh(torch.tensor([1, 2, 900])), model(torch.tensor([1, 2, 900])))
