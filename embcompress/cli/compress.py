@@ -9,7 +9,9 @@ import typer
 
 from .. import workspace
 from ..methods import get
+from ..errors import InputError
 from ..ops.compress import compress as compress_checkpoint
+from ..ops.compress import compress_trimmed
 from ..ops.plan import AUTO, compress_auto
 from .. import core
 from ._options import CheckpointArg, DeviceOpt, ForceOpt, JsonOpt, OutputOpt, TablesOpt, split_list
@@ -29,6 +31,8 @@ EXAMPLES = """Examples:
   embcompress compress dan.safetensors --method groupreduce --budget 0.1 --corpus train.jsonl --json
 
   embcompress compress ./all-MiniLM-L6-v2 --method auto --budget 0.05 --data texts.txt   (every method measured)
+
+  embcompress compress ./all-MiniLM-L6-v2 --method lowbit --budget 0.05 --trim served-texts.txt
 
   embcompress methods        (every registered method and its options)
 """
@@ -57,6 +61,9 @@ def compress(
     methods: Annotated[str | None, typer.Option("--methods", help="With --method auto: the comma-separated methods "
                        "to measure (default: every registered one and combination).", show_default=False)] = None,
     output: OutputOpt = None,
+    trim: Annotated[Path | None, typer.Option("--trim", help="Texts: first keep only the vocabulary rows they use "
+                    "(as `embcompress trim`), then compress the rest; --budget stays a share of the original "
+                    "tables, so the freed rows buy more bits.", show_default=False)] = None,
     force: ForceOpt = False,
     device: DeviceOpt = "cpu",
     json: JsonOpt = False,
@@ -76,13 +83,21 @@ def compress(
         if part.strip() and part.strip() != "dense":
             get(part.strip())
     with spinner("reading checkpoint", not json) as say:
-        result = compress_checkpoint(path, method, budget=budget, options=s_opts, storage_options=t_opts,
-                                     tables=split_list(tables), counts=counts, corpus=corpus, output=output,
-                                     force=force, device=device, progress=say)
+        if trim is not None:
+            if counts is not None:
+                raise InputError("--trim counts tokens in the trimmed vocabulary: give --corpus, not --counts")
+            result = compress_trimmed(path, method, trim, budget=budget, options=s_opts, storage_options=t_opts,
+                                      tables=split_list(tables), corpus=corpus, output=output, force=force,
+                                      device=device, progress=say)
+        else:
+            result = compress_checkpoint(path, method, budget=budget, options=s_opts, storage_options=t_opts,
+                                         tables=split_list(tables), counts=counts, corpus=corpus, output=output,
+                                         force=force, device=device, progress=say)
     workspace.record(
         "compress",
-        options={"method": method, "budget": budget, "set": options or [], "tables": split_list(tables)},
-        inputs=[("model", path)],
+        options={"method": method, "budget": budget, "set": options or [], "tables": split_list(tables),
+                 "trim": str(trim) if trim is not None else None},
+        inputs=[("model", path)] + ([("texts", trim)] if trim is not None else []),
         outputs=[("model", Path(result.output))],
         figures={"table_bytes_before": result.table_bytes_before, "table_bytes_after": result.table_bytes_after,
                  "file_bytes_after": result.file_bytes_after},
@@ -98,6 +113,9 @@ def compress(
           f"{t['info']['rel_error']:.4f}" if t["info"].get("rel_error") is not None else "-"] for t in result.tables],
     ))
     why = f"; budget {human_bytes(result.budget_bytes)}" if result.budget_bytes is not None else ""
+    if result.trimmed is not None:
+        console.print(f"trimmed to the {result.trimmed['rows_after']} of {result.trimmed['rows_before']} rows "
+                      f"{result.trimmed['corpus']} uses, then compressed")
     console.print(f"tables {human_bytes(result.table_bytes_before)} -> {human_bytes(result.table_bytes_after)}"
                   f"{why}; file {human_bytes(result.file_bytes_before)} -> {human_bytes(result.file_bytes_after)} "
                   f"in {result.seconds:.1f} s")

@@ -21,12 +21,22 @@ import torch
 
 from .. import core
 from .._version import __version__
-from ..checkpoint import META_KEY, check_finite, check_output, default_output, load_checkpoint, save_checkpoint
+from ..checkpoint import (
+    META_KEY,
+    check_finite,
+    check_output,
+    default_output,
+    load_checkpoint,
+    save_checkpoint,
+    temporary_folder,
+)
 from ..errors import InputError
 from ..methods.base import BudgetError
 from ..quant import TAGS as QUANTIZE_TAGS
 from ..quant import quant_meta
+from ..record import history
 from ..tables import find_embeddings
+from ..trim import trim as trim_checkpoint
 from ..weighting import load_counts
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(b|kb|mb|gb|kib|mib|gib)?\s*$", re.IGNORECASE)
@@ -72,9 +82,12 @@ class CompressResult:
     file_bytes_after: int
     seconds: float
     chosen: dict[str, Any] = field(default_factory=dict)
+    trimmed: dict[str, Any] | None = None  # with trim: rows and float32 bytes before trimming
 
     @property
     def table_bytes_before(self) -> int:
+        if self.trimmed is not None:
+            return int(self.trimmed["float32_bytes"])
         return sum(t["float32_bytes"] for t in self.tables)
 
     @property
@@ -127,6 +140,49 @@ def output_tag(method: str, budget: int | None, float32_bytes: int, options: Map
     sizing = "" if budget is None else f"-b{budget / float32_bytes:.4g}"
     tag = f"{method.replace('+', '-')}{sizing}{option_tag(options, defaults)}"
     return f"{tag}-tables" if tag in QUANTIZE_TAGS.values() else tag
+
+
+def compress_trimmed(
+    path: str | os.PathLike[str],
+    method: str,
+    trim_corpus: str | os.PathLike[str],
+    *,
+    budget: str | float | None = None,
+    tables: list[str] | None = None,
+    corpus: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> CompressResult:
+    """Trim the vocabulary to the rows ``trim_corpus`` uses, then compress what is left with ``method``, in one
+    output. ``budget`` stays a share of the *original* tables' float32 bytes, so the rows trimming frees are spent on
+    the rows kept (more bits, finer codebooks). Methods that count tokens count them in ``corpus`` or, without it,
+    in ``trim_corpus``."""
+    src = Path(path)
+    with load_checkpoint(src) as ckpt:
+        found = find_embeddings(ckpt, tables)
+    float32 = sum(4 * t.rows * t.cols for t in found)
+    budget_bytes = parse_budget(budget, float32)
+    tag = "trim-" + output_tag(method, budget_bytes, float32, {**(kwargs.get("options") or {}),
+                                                                **(kwargs.get("storage_options") or {})})
+    out = Path(output) if output is not None else default_output(src, tag)
+    check_output(out, [src, Path(trim_corpus)], force=force)
+    with temporary_folder(out) as tmp:
+        trimmed_path = tmp / src.name
+        trimmed = trim_checkpoint(src, trim_corpus, trimmed_path, progress=progress)
+        with load_checkpoint(trimmed_path) as ckpt:
+            kept = sum(4 * t.rows * t.cols for t in find_embeddings(ckpt, tables))
+        if budget_bytes is not None and budget_bytes >= kept:
+            raise InputError(f"trimmed to {trimmed.rows_after} rows the tables take {kept} bytes, within the budget "
+                             f"of {budget_bytes}: `embcompress trim` alone is enough")
+        result = compress(trimmed_path, method, budget=None if budget_bytes is None else str(budget_bytes),
+                          tables=tables, corpus=corpus if corpus is not None else trim_corpus, output=out,
+                          force=force, progress=progress, **kwargs)
+    result.input = str(src)
+    result.trimmed = {"rows_before": trimmed.rows_before, "rows_after": trimmed.rows_after, "float32_bytes": float32,
+                      "corpus": str(trim_corpus)}
+    return result
 
 
 def compress(
@@ -216,4 +272,5 @@ def record_for(previous: Mapping[str, Any], entries: Mapping[str, dict[str, Any]
     tables = dict(previous.get("tables") or {})
     tables.update(entries)
     return {**{k: v for k, v in previous.items() if k not in ("tables", "tool", "format_version")},
-            "format_version": core.RECORD_VERSION, "tool": f"embcompress {__version__}", "tables": tables}
+            "format_version": core.RECORD_VERSION, "tool": f"embcompress {__version__}", "tables": tables,
+            "history": history(previous, "compress", {"tables": sorted(entries)})}
