@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import core
+from . import core, record
 from .checkpoint import META_KEY, check_output, load_checkpoint, save_safetensors
 from .data import EncodedDataset, Example, LabelSet, Vocab, encode_examples
 from .errors import CheckpointError
@@ -84,10 +85,12 @@ def load_classifier(path: str | os.PathLike[str]) -> Classifier:
 
 
 def save_classifier(
-    clf: Classifier, out: Path, *, inputs: list[Path] | None = None, force: bool = False
+    clf: Classifier, out: Path, *, inputs: list[Path] | None = None, force: bool = False, op: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the classifier atomically as one safetensors file (refusing to overwrite an input or, without
-    ``force``, an existing file)."""
+    ``force``, an existing file). A model with compressed tables carries the ``embcompress`` record (format 2,
+    factorized tables with 0.1's fields too); ``op`` (``finetune``) and its ``options`` are added to its history."""
     check_output(out, inputs or [], force=force)
     meta = {
         "format": "pt",
@@ -103,13 +106,11 @@ def save_classifier(
     }
     model = getattr(clf.model, "module", clf.model)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    if any(isinstance(m, core.Table) for m in model.modules()) and core.is_registry_model(model):
-        state, entries = core.model_state(model)
+    if core.tables_of(model):
         previous = json.loads(clf.factorization) if clf.factorization else {}
-        meta[META_KEY] = json.dumps({**{k: v for k, v in previous.items() if k != "tables"},
-                                     "format_version": core.RECORD_VERSION, "tables": entries})
-    elif clf.factorization and clf.is_factorized:
-        meta[META_KEY] = clf.factorization
+        state, entries = record.model_entries(model, previous.get("tables"), trained=op == "finetune")
+        meta[META_KEY] = json.dumps(record.file_record(previous, entries, op=op, options=options,
+                                                       **({"file": previous["file"]} if "file" in previous else {})))
     save_safetensors(state, out, meta)
 
 

@@ -1,8 +1,11 @@
 """Factorizing the embedding tables of a checkpoint, and loading a factorized checkpoint back into a model.
 
 Each chosen table W (V x d) becomes ``<name>_a`` = U_k (V x k) and ``<name>_b`` = S_k V_k^T (k x d), the paper's
-eqs. 2-4; everything else passes through unchanged. Tied copies of a table are dropped from the file and recorded
-in the metadata, so the tie survives a reload. The output is the same kind as the input.
+eqs. 2-4 (GroupReduce: ``<name>_a.<c>``, ``<name>_b.<c>`` and ``<name>_groups``); everything else passes through
+unchanged. Each table is encoded by the registry's method (``svd``, ``weighted``, ``groupreduce``) through
+:func:`embcompress.core.compress_state`, and its entry in the record (format 2, :mod:`embcompress.record`) keeps the
+fields 0.1 wrote (rank, rule, reduction, method, errors, factors, weighting, blocks). Tied copies of a table are
+dropped from the file and recorded, so the tie survives a reload. The output is the same kind as the input.
 """
 
 from __future__ import annotations
@@ -18,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
+from . import core, record
 from .checkpoint import (
-    FORMAT_VERSION,
     META_KEY,
     Checkpoint,
     check_finite,
@@ -31,13 +33,14 @@ from .checkpoint import (
 )
 from .device import resolve_device
 from .errors import CheckpointError, InputError
-from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, MAX_BLOCKS, group_reduce
+from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, MAX_BLOCKS
 from .modules import TiedFactorizedLinear, factor_specs, factorized_shapes
 from .ops.compress import option_tag
 from .quant import dequantized_state_dict, quant_meta
-from .rank import achieved_reduction, choose_rank
-from .record import COUNTED_METHODS, METHODS, factor_names, groups_name
-from .svd import factorize_matrix, factorize_weighted, spectrum
+from .rank import choose_rank
+from .record import COUNTED_METHODS, METHODS
+from .svd import METHODS as SVD_METHODS
+from .svd import spectrum
 from .tables import find_embeddings
 from .weighting import DEFAULT_SMOOTHING, Counts
 
@@ -152,7 +155,8 @@ def factorize(
         raise InputError(f"--blocks must be between 1 and {MAX_BLOCKS}, got {blocks}")
     if rounds < 0:
         raise InputError(f"--rounds must be 0 or more, got {rounds}")
-    weights = counts.weights(smoothing, weight_power) if counts is not None else None
+    if counts is not None:
+        counts.weights(smoothing, weight_power)  # refuses bad --smoothing / --weight-power before any output
     weighting = {**counts.to_dict(), "smoothing": smoothing, "power": weight_power} if counts is not None else None
     src = Path(path)
     dev = resolve_device(device)
@@ -168,9 +172,10 @@ def factorize(
             src, output_tag(reduction, rank, energy, method, options))
         check_output(out, [src], force=force)
         found = find_embeddings(ckpt, tables)
-        tensors, results = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, dev, progress,
-                                              weights, weighting, grouping)
-        meta = _metadata(ckpt, results, tensors)
+        tensors, results, entries = _factorize_tables(ckpt, found, reduction, rank, energy, method, force, dev,
+                                                       progress, counts, weighting, options)
+        meta = _metadata(ckpt, entries, tensors, {"reduction": reduction, "rank": rank, "energy": energy,
+                                                  "method": method, "tables": tables, **options})
         if progress:
             progress(f"writing {out}")
         save_checkpoint(tensors, out, like=ckpt, metadata={META_KEY: json.dumps(meta)})
@@ -200,117 +205,82 @@ def _factorize_tables(
     force: bool,
     device: torch.device,
     progress: Callable[[str], None] | None,
-    weights: torch.Tensor | None = None,
+    counts: Counts | None = None,
     weighting: dict[str, Any] | None = None,
-    grouping: dict[str, int] | None = None,
-) -> tuple[dict[str, torch.Tensor], list[TableResult]]:
-    dropped = {t.name for t in found} | {n for t in found for n in t.tied}
-    tensors = {name: ckpt.tensor(name) for name in ckpt.names if name not in dropped}
-    results = []
+    options: dict[str, Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[TableResult], dict[str, dict[str, Any]]]:
+    """Encode each table with the registry's method (``core.compress_state``): the rank chosen as 0.1 chose it,
+    the record entry in format 2 with 0.1's fields."""
+    structure = "svd" if method in SVD_METHODS else method
+    row_counts = torch.from_numpy(counts.counts).to(torch.float64) if counts is not None else None
+    tensors = {name: ckpt.tensor(name) for name in ckpt.names}
+    results, entries = [], {}
+    rule = "reduction" if reduction is not None else "rank" if rank is not None else "energy"
     for table in found:
         t0 = time.perf_counter()
         if progress:
             progress(f"factorizing {table.name} ({table.rows} x {table.cols})")
-        W = ckpt.tensor(table.name).to(device)
+        W = tensors[table.name]
         check_finite(table.name, W)
         V, d = table.shape
-        spec = spectrum(W) if energy is not None else None
-        k = choose_rank(
-            V,
-            d,
-            reduction=reduction,
-            rank=rank,
-            energy=energy,
-            singular_values=spec.singular_values if spec is not None else None,
-            force=force,
-            table=table.name,
-        )
-        if weights is not None and weights.numel() != V:
-            raise InputError(f"{table.name}: {weights.numel()} token counts for a table of {V} rows; the counts "
+        spec = spectrum(W.to(device)) if energy is not None else None
+        k = choose_rank(V, d, reduction=reduction, rank=rank, energy=energy,
+                        singular_values=spec.singular_values if spec is not None else None, force=force,
+                        table=table.name)
+        if row_counts is not None and row_counts.numel() != V:
+            raise InputError(f"{table.name}: {row_counts.numel()} token counts for a table of {V} rows; the counts "
                              "must come from this model's vocabulary")
-        a_name, b_name = factor_names(table.name)
-        blocks_info = None
-        if grouping is not None:
-            grouped = group_reduce(W.cpu(), weights, budget=k * (V + d), **grouping)
-            names = tuple(f"{a_name}.{c}" for c in range(len(grouped.a))) + tuple(
-                f"{b_name}.{c}" for c in range(len(grouped.b)))
-            for name, t in zip(names, [*grouped.a, *grouped.b]):
-                tensors[name] = t.contiguous()
-            tensors[groups_name(table.name)] = grouped.groups
-            blocks_info = {"budget_rank": k, "ranks": grouped.ranks, "sizes": [int(a.shape[0]) for a in grouped.a],
-                           "groups": groups_name(table.name), "weighted_rel_error": grouped.weighted_rel_error,
-                           "rounds": grouped.history}
-            rel_error, stored = grouped.rel_error, grouped.params
-            item = grouped.a[0].element_size()
-            extra_bytes = grouped.groups.numel() * grouped.groups.element_size()
-        else:
-            if weights is None:
-                factors = factorize_matrix(W, k, method=method, spectrum=spec)
-            else:
-                factors = factorize_weighted(W, k, weights)
-            tensors[a_name], tensors[b_name] = factors.a.contiguous().cpu(), factors.b.contiguous().cpu()
-            names, rel_error = (a_name, b_name), factors.rel_error
-            stored, item, extra_bytes = factors.a.numel() + factors.b.numel(), factors.a.element_size(), 0
+        config = {"rank": k, "force": force, **({"algorithm": method} if structure == "svd" else {}),
+                  **(options or {})}
+        before = set(tensors)
+        tensors, new = core.compress_state(tensors, core.make_spec(structure, config), [table.name],
+                                           counts={table.name: row_counts} if row_counts is not None else None,
+                                           tied={table.name: list(table.tied)}, device=str(device))
+        prefix = table.name.removesuffix(".weight") + "."
+        names = [n[len(prefix):] for n in tensors if n not in before and n.startswith(prefix)]
+        entry = record.legacy_fields(
+            table.name, new[table.name], names, rank_rule=rule, reduction_requested=reduction,
+            energy_kept=spec.energy_kept(k) if spec is not None and counts is None else None,
+            tied=dict(table.tie_reasons), weighting=weighting, dtype=table.dtype)
+        entry["history"] = [{"op": "factorize", "method": method, "tool": record.tool(), "rank_rule": rule,
+                             "reduction_requested": reduction}]
+        entries[table.name] = entry
+        item = W.element_size()
         del W
-        rule = "reduction" if reduction is not None else "rank" if rank is not None else "energy"
         results.append(
             TableResult(
                 name=table.name,
                 shape=table.shape,
                 dtype=table.dtype,
-                rank=k if blocks_info is None else sum(blocks_info["ranks"]),
+                rank=entry["rank"],
                 rank_rule=rule,
                 reduction_requested=reduction,
-                reduction_achieved=achieved_reduction(V, d, k) if blocks_info is None
-                else 1.0 - (stored * item + extra_bytes) / (V * d * item),
-                rel_error=rel_error,
-                energy_kept=max(0.0, 1.0 - rel_error**2) if spec is None or weights is not None
-                else spec.energy_kept(k),
+                reduction_achieved=entry["reduction_achieved"],
+                rel_error=entry["rel_error"],
+                energy_kept=entry["energy_kept"],
                 method=method,
-                factors=names,
+                factors=tuple(entry["factors"]),
                 tied=dict(table.tie_reasons),
                 bytes_before=V * d * item,
-                bytes_after=stored * item + extra_bytes,
+                bytes_after=entry["bytes"],
                 seconds=time.perf_counter() - t0,
                 weighting=weighting,
-                blocks=blocks_info,
+                blocks=entry.get("blocks"),
             )
         )
-    return tensors, results
+    return tensors, results, entries
 
 
-def _metadata(ckpt: Checkpoint, results: list[TableResult], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _metadata(ckpt: Checkpoint, entries: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor],
+              options: dict[str, Any]) -> dict[str, Any]:
+    """The file's record (format 2): the previous one's tables and history, these tables, one more operation."""
     previous = ckpt.embcompress_meta or {}
-    tables = dict(previous.get("tables") or {})
     params_before = ckpt.total_params
     params_after = sum(t.numel() for t in tensors.values())
-    for r in results:
-        tables[r.name] = {
-            "shape": list(r.shape),
-            "dtype": r.dtype,
-            "rank": r.rank,
-            "rank_rule": r.rank_rule,
-            "reduction_requested": r.reduction_requested,
-            "reduction_achieved": r.reduction_achieved,
-            "method": r.method,
-            "rel_error": r.rel_error,
-            "energy_kept": r.energy_kept,
-            "factors": list(r.factors),
-            "tied": r.tied,
-            **({"weighting": r.weighting} if r.weighting else {}),
-            **({"blocks": r.blocks} if r.blocks else {}),
-        }
-    return {
-        **{k: v for k, v in previous.items() if k not in ("tables", "file", "tool", "format_version")},
-        "format_version": FORMAT_VERSION,
-        "tool": f"embcompress {__version__}",
-        "tables": tables,
-        "file": {
-            "params_before": params_before,
-            "params_after": params_after,
-            "reduction_achieved": 1.0 - params_after / params_before if params_before else 0.0,
-        },
-    }
+    return record.file_record(
+        previous, {**(previous.get("tables") or {}), **entries}, op="factorize", options=options,
+        file={"params_before": params_before, "params_after": params_after,
+              "reduction_achieved": 1.0 - params_after / params_before if params_before else 0.0})
 
 
 def _module_name(tensor_name: str) -> str:

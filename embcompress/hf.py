@@ -36,9 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._version import __version__
 from .checkpoint import (
-    FORMAT_VERSION,
     META_KEY,
     atomic_path,
     check_output,
@@ -47,12 +45,12 @@ from .checkpoint import (
     save_safetensors,
 )
 from .errors import CheckpointError, DataError, DependencyError, InputError, TableError
-from . import core
-from .record import COUNTED_METHODS, METHODS, groups_name
+from . import core, record
+from .record import COUNTED_METHODS, METHODS
 from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, group_reduce
 from .modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding, TiedFactorizedLinear
 from .quant import dequantized_state_dict
-from .rank import achieved_reduction, choose_rank
+from .rank import choose_rank
 from .svd import factorize_weighted
 from .tables import is_embedding_candidate
 from .methods.weighted import DEFAULT_SMOOTHING
@@ -386,60 +384,42 @@ def _record_factorization(model: nn.Module, meta: dict[str, Any], prefix: str) -
 # --- saving ---------------------------------------------------------------------------------------------------
 
 
-def _same_table(new: str, old: str) -> bool:
-    return new == old or new.endswith("." + old) or old.endswith("." + new)
+_TRAINING_OPS = {"finetuned": "finetune", "distilled": "distill"}  # extra_meta's key -> the history's op
 
 
-def _metadata(model: nn.Module, tables: dict[str, dict[str, Any]], state: dict[str, torch.Tensor],
-              params_before: int | None, extra: dict[str, Any] | None) -> dict[str, Any]:
+def _metadata(model: nn.Module, params_before: int | None, extra: dict[str, Any] | None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the record (format 2) of a model with compressed tables: each table's entry from the
+    registry (``core.model_state``), a factorized one with the fields 0.1 wrote, the figures it was loaded with
+    (the SVD's error, marked ``trained`` after fine-tuning or distillation), and one more operation in the history
+    when ``extra`` says the model was trained."""
     previous = getattr(model, "_embcompress_meta", None) or {}
-    prev_tables = previous.get("tables") or {}
-    entries = {}
-    for mod_name, info in tables.items():
-        name = f"{mod_name}.weight"
-        old = next((v for k, v in prev_tables.items() if _same_table(name, k)), {})
-        V, d = info["shape"]
-        k = info["rank"]
-        mod = info["module"]
-        dtype = next(mod.parameters()).dtype
-        if isinstance(mod, GroupedFactorizedEmbedding):
-            C = len(mod.ranks)
-            factors = [f"{name}_a.{c}" for c in range(C)] + [f"{name}_b.{c}" for c in range(C)]
-            stored = sum(p.numel() * p.element_size() for p in mod.parameters()) + mod.weight_groups.numel()
-            achieved = 1.0 - stored / (V * d * dtype.itemsize)
-        else:
-            factors, achieved = [f"{name}_a", f"{name}_b"], achieved_reduction(V, d, k)
-        entries[name] = {
-            **old,
-            "shape": [V, d],
-            "dtype": old.get("dtype") or str(dtype).removeprefix("torch.").upper().replace("FLOAT", "F"),
-            "rank": k,
-            "rank_rule": old.get("rank_rule", "rank"),
-            "reduction_requested": old.get("reduction_requested"),
-            "reduction_achieved": achieved,
-            "method": old.get("method", "exact"),
-            "factors": factors,
-            "tied": {**{t: r for t, r in (old.get("tied") or {}).items() if t not in info["tied"]}, **info["tied"]},
-        }
-        if isinstance(mod, GroupedFactorizedEmbedding):  # the blocks are what hf.load rebuilds the module from
-            entries[name]["method"] = old.get("method", "groupreduce")
-            entries[name]["blocks"] = {**(old.get("blocks") or {}), "ranks": list(mod.ranks),
-                                       "sizes": [a.shape[0] for a in mod.weight_a], "groups": groups_name(name)}
-        if (extra and {"distilled", "finetuned"} & set(extra)) or old.get("trained"):
-            entries[name]["trained"] = True  # rel_error and energy_kept describe the SVD, before training
+    kind = next((k for k in _TRAINING_OPS if k in (extra or {})), None)
+    state, entries = record.model_entries(model, previous.get("tables"), trained=kind is not None)
+    state = _drop_dense_ties(state)
     params_after = sum(t.numel() for t in state.values())
     before = params_before or (previous.get("file") or {}).get("params_before") or params_after
-    meta = {
-        **{k: v for k, v in previous.items() if k not in ("tables", "file", "tool", "format_version")},
-        "format_version": FORMAT_VERSION,
-        "tool": f"embcompress {__version__}",
-        "tables": entries,
-        "file": {"params_before": before, "params_after": params_after,
-                 "reduction_achieved": 1.0 - params_after / before if before else 0.0},
-    }
+    options = {k: v for k, v in (extra or {}).get(kind, {}).items() if k not in ("history", "phases", "notes")} \
+        if kind else None
+    meta = record.file_record(previous, entries, op=_TRAINING_OPS.get(kind or ""), options=options,
+                              file={"params_before": before, "params_after": params_after,
+                                    "reduction_achieved": 1.0 - params_after / before if before else 0.0})
     if extra:
         meta.update(extra)
-    return meta
+    return state, meta
+
+
+def _drop_dense_ties(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor once: a dense tie (the same parameter under two names) keeps its first name."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...], torch.dtype]] = set()
+    for key, t in state.items():
+        mark = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and mark in seen:
+            continue
+        seen.add(mark)
+        out[key] = t
+    return out
 
 
 def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -481,19 +461,14 @@ def save(
     out = Path(out)
     src = Path(like) if like is not None else None
     check_output(out, [p for p in [src, *(inputs or [])] if p is not None], force=force)
-    state, tables = model_state(model)
     meta = {"format": "pt"}
-    if core.is_registry_model(model):
-        state, entries = core.model_state(model)
-        previous = getattr(model, "_embcompress_meta", None) or {}
-        record = {**{k: v for k, v in previous.items() if k not in ("tables", "tool", "format_version", "file")},
-                  "format_version": core.RECORD_VERSION, "tool": f"embcompress {__version__}", "tables": entries,
-                  **(extra_meta or {})}
-        meta[META_KEY] = json.dumps(record)
-    elif tables:
-        meta[META_KEY] = json.dumps(_metadata(model, tables, state, params_before, extra_meta))
-    elif extra_meta:
-        meta[HF_META_KEY] = json.dumps(extra_meta)
+    if core.tables_of(model):
+        state, rec = _metadata(model, params_before, extra_meta)
+        meta[META_KEY] = json.dumps(rec)
+    else:
+        state, _ = model_state(model)
+        if extra_meta:
+            meta[HF_META_KEY] = json.dumps(extra_meta)
     config = copy.deepcopy(getattr(model, "config", None))
     if config is not None:
         config.architectures = [type(model).__name__]

@@ -13,17 +13,23 @@ Modelled on torchao's ``quantize_(model, config, filter_fn)``, but on state dict
   shape; its scales are the 1-D float32 tensor ``<name>_scale``. Biases, norms and other 1-D tensors, integer
   tensors, and matrices whose int8 form would not be smaller (a single column) pass through.
 
-The safetensors metadata key ``embcompress.quant`` (``QUANT_META_KEY``) holds JSON::
+The file's record (safetensors metadata key ``embcompress``, format 2; :mod:`embcompress.record`) holds one entry per
+quantized tensor under ``tensors``, the bits under ``quantized`` and the operation in ``history``::
 
-    {"format_version": 1, "tool": "embcompress 0.1.0", "bits": 8, "scale_dtype": "F32",
-     "tensors": {"embeddings.word_embeddings.weight": {"dtype": "F32", "shape": [30522, 384], "stored": "I8",
-                 "scheme": "int8_symmetric_per_row", "axis": 0, "scale": "embeddings.word_embeddings.weight_scale",
-                 "role": "table", "max_abs_error": 0.0021, "rel_error": 0.0043}, ...},
-     "file": {"bytes_before": ..., "bytes_after": ...}}
+    {"format_version": 2, "tool": "embcompress 0.1.0", "tables": {...a factorized file's tables, kept...},
+     "quantized": {"bits": 8, "scale_dtype": "F32", "bytes_before": ..., "bytes_after": ...},
+     "tensors": {"embeddings.word_embeddings.weight": {"storage": "int8", "dtype": "F32", "shape": [30522, 384],
+                 "stored": "I8", "scheme": "int8_symmetric_per_row", "axis": 0,
+                 "scale": "embeddings.word_embeddings.weight_scale", "role": "table", "max_abs_error": 0.0021,
+                 "rel_error": 0.0043}, ...},
+     "history": [..., {"op": "quantize", "tool": "embcompress 0.1.0", "options": {"bits": 8, "tables": null}}]}
 
-``scheme`` is ``int8_symmetric_per_row`` (tables and factors), ``int8_symmetric_per_channel`` (other matrices)
-or ``fp16`` (``scale`` null). Readers (``load_classifier``, ``load_factorized``) call :func:`dequantized_state_dict`
-and get the original dtypes back. The other metadata keys (``embcompress``, ``embcompress.model``) are kept.
+``storage`` is the registry's storage (``int8``: one float32 scale per row, ``fp16``); ``scheme`` is
+``int8_symmetric_per_row`` (tables and factors), ``int8_symmetric_per_channel`` (other matrices: a row of an
+[out, in] weight is an output channel) or ``fp16`` (``scale`` null). Files written by 0.1.0.dev0 hold the same
+per-tensor entries under their own key ``embcompress.quant`` (``QUANT_META_KEY``); :func:`quant_meta` reads either
+form, and readers (``load_classifier``, ``hf.load``, ``load_factorized``) call :func:`dequantized_state_dict` and
+get the original dtypes back.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import Any
 
 import torch
 
+from . import record
 from ._version import __version__
 from .checkpoint import (
     META_KEY,
@@ -256,7 +263,8 @@ def quantize_state(
         r = TensorResult(name, tuple(t.shape), dtype_name(t.dtype), dtype_name(out[name].dtype), scheme, role,
                          scale_name, t.numel() * t.element_size(), after, err.max_abs, err.rel)
         results.append(r)
-        entries[name] = {"dtype": r.dtype, "shape": list(r.shape), "stored": r.stored, "scheme": scheme,
+        entries[name] = {"storage": "fp16" if scheme == SCHEME_FP16 else "int8", "dtype": r.dtype,
+                         "shape": list(r.shape), "stored": r.stored, "scheme": scheme,
                          "axis": 0 if scale_name else None, "scale": scale_name, "role": role,
                          "max_abs_error": r.max_abs_error, "rel_error": r.rel_error}
     groups: dict[str, tuple[GroupResult, _Err]] = {}
@@ -331,13 +339,28 @@ def dequantize_state(
 
 
 def quant_meta(ckpt: Checkpoint) -> dict[str, Any] | None:
-    """The parsed ``embcompress.quant`` record of a checkpoint, or None when it is not quantized."""
-    return parse_quant_meta(ckpt.metadata.get(QUANT_META_KEY), str(ckpt.path))
+    """The quantization record of a checkpoint written by ``quantize`` (None when it is not quantized), in one form
+    whichever way it was written: ``{"bits", "scale_dtype", "tensors", "file", "tool", "format_version"}`` from the
+    ``embcompress`` record (format 2) or from 0.1.0.dev0's ``embcompress.quant`` key."""
+    where = str(ckpt.path)
+    legacy = parse_quant_meta(ckpt.metadata.get(QUANT_META_KEY), where)
+    if legacy is not None:
+        return legacy
+    rec = ckpt.embcompress_meta or {}
+    if not rec.get("tensors") and not rec.get("quantized"):
+        return None
+    quantized = rec.get("quantized")
+    if not isinstance(quantized, dict) or not isinstance(rec.get("tensors"), dict):
+        raise CheckpointError(f"{where}: the '{META_KEY}' record of a quantized file lacks its 'quantized' or "
+                              "'tensors' part")
+    return {"format_version": rec.get("format_version"), "tool": rec.get("tool"), "bits": quantized.get("bits"),
+            "scale_dtype": quantized.get("scale_dtype"), "tensors": rec["tensors"],
+            "file": {k: quantized.get(k) for k in ("bytes_before", "bytes_after")}}
 
 
 def dequantized_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint, dequantized when it is quantized (the state dict of any other checkpoint)."""
-    return dequantize_state(ckpt.state_dict(), ckpt.metadata.get(QUANT_META_KEY), where=str(ckpt.path))
+    return dequantize_state(ckpt.state_dict(), quant_meta(ckpt), where=str(ckpt.path))
 
 
 # --- a checkpoint ----------------------------------------------------------------------------------------------
@@ -455,10 +478,14 @@ def quantize(
 
         state = quantize_state(tensors, bits, filter_fn=accept, roles=roles, progress=progress)
         bytes_after = sum(t.numel() * t.element_size() for t in state.tensors.values())
-        meta = {**state.meta, "file": {"bytes_before": ckpt.total_bytes, "bytes_after": bytes_after}}
-        metadata = {QUANT_META_KEY: json.dumps(meta)}
-        if META_KEY in ckpt.metadata:  # save_checkpoint drops it unless passed on
-            metadata[META_KEY] = ckpt.metadata[META_KEY]
+        prior = ckpt.embcompress_meta or {}  # a factorized file's tables and history are kept
+        rec = record.file_record(
+            prior, prior.get("tables") or {}, op="quantize", options={"bits": bits, "tables": tables},
+            tensors=state.meta["tensors"],
+            quantized={"bits": bits, "scale_dtype": state.meta["scale_dtype"], "bytes_before": ckpt.total_bytes,
+                       "bytes_after": bytes_after},
+            **({"file": prior["file"]} if "file" in prior else {}))
+        metadata = {META_KEY: json.dumps(rec)}
         if progress:
             progress(f"writing {out}")
         save_checkpoint(state.tensors, out, like=ckpt, metadata=metadata)

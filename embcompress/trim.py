@@ -50,6 +50,7 @@ from .classifier import MODEL_META_KEY
 from .data import PAD_ID, UNK_ID, Vocab, tokenize
 from .errors import CheckpointError, DataError, InputError
 from .quant import quant_meta
+from .record import history
 from .tables import EmbeddingTable, find_embeddings
 from .weighting import count_ids
 
@@ -562,6 +563,8 @@ def trim(
             for entry in (fact_meta.get("tables") or {}).values():
                 if entry.get("shape"):
                     entry["shape"][0] = len(keep)
+            fact_meta["history"] = history(fact_meta, "trim", {"corpus": corpus_path.name, "keep_top": keep_top,
+                                                               "min_count": min_count, "rows_after": len(keep)})
             metadata[META_KEY] = json.dumps(fact_meta)
         if progress:
             progress(f"writing {out}")

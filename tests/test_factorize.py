@@ -137,3 +137,36 @@ def test_metadata_is_json_under_one_key(dan_file: Path) -> None:
         meta = f.metadata()
     assert meta["format"] == "pt"
     assert json.loads(meta[META_KEY])["tables"]["embedding.weight"]["rank"] == 3
+
+
+def test_record_is_format_2_with_the_legacy_fields(dan_file: Path, tmp_path: Path) -> None:
+    """factorize writes the registry's entry (structure, config, history), readable by core, and keeps 0.1's."""
+    from embcompress import core
+
+    result = factorize(dan_file, reduction=0.5, method="randomized", output=tmp_path / "r.safetensors")
+    with load_checkpoint(result.output) as ckpt:
+        meta = ckpt.embcompress_meta
+        tensors = {n[len("embedding."):]: ckpt.tensor(n) for n in ckpt.names if n.startswith("embedding.")}
+    entry = meta["tables"]["embedding.weight"]
+    assert meta["format_version"] == 2 and core.is_v2_entry(entry)
+    assert entry["structure"] == "svd" and entry["config"]["algorithm"] == "randomized"
+    assert entry["config"]["rank"] == entry["rank"] == 7 and entry["storage"] is None
+    assert entry["method"] == "randomized" and entry["rank_rule"] == "reduction"
+    assert entry["factors"] == ["embedding.weight_a", "embedding.weight_b"]
+    assert entry["bytes"] == result.tables[0].bytes_after == 4 * 7 * (600 + 16)
+    assert entry["energy_kept"] == pytest.approx(1 - entry["rel_error"] ** 2)
+    assert [h["op"] for h in entry["history"]] == ["factorize"]
+    assert meta["history"][-1]["op"] == "factorize" and meta["history"][-1]["options"]["reduction"] == 0.5
+    table = core.table_from_tensors(entry, tensors)
+    with load_checkpoint(dan_file) as src:
+        W = src.tensor("embedding.weight")
+    rel = float((table.dense_weight().detach() - W).norm() / W.norm())
+    assert rel == pytest.approx(entry["rel_error"], rel=1e-5)
+
+
+def test_energy_rule_records_the_spectrum_energy(dan_file: Path, tmp_path: Path) -> None:
+    result = factorize(dan_file, energy=0.99, output=tmp_path / "e.safetensors")
+    with load_checkpoint(result.output) as ckpt:
+        entry = ckpt.embcompress_meta["tables"]["embedding.weight"]
+    assert entry["rank_rule"] == "energy" and entry["energy_kept"] >= 0.99
+    assert entry["energy_kept"] == result.tables[0].energy_kept

@@ -16,6 +16,7 @@ from embcompress.quant import (
     QUANT_META_KEY,
     dequantize_int8,
     dequantized_state_dict,
+    quant_meta,
     quantization_error,
     quantize_int8,
 )
@@ -164,16 +165,25 @@ def test_metadata_records_tensors_and_keeps_other_keys(tmp_path: Path, dan_file:
         save_file(ckpt.state_dict(), str(extra), metadata={**meta_before, MODEL_META_KEY: '{"x": 1}'})
     result = quantize(extra, 8)
     meta = _meta(Path(result.output))
-    assert meta[META_KEY] == meta_before[META_KEY] and meta[MODEL_META_KEY] == '{"x": 1}'
-    record = json.loads(meta[QUANT_META_KEY])
-    assert record["bits"] == 8 and record["format_version"] == 1 and record["scale_dtype"] == "F32"
+    assert meta[MODEL_META_KEY] == '{"x": 1}' and QUANT_META_KEY not in meta  # one record: "embcompress"
+    before, record = json.loads(meta_before[META_KEY]), json.loads(meta[META_KEY])
+    assert record["tables"] == before["tables"] and record["format_version"] == 2
+    assert [h["op"] for h in record["history"]] == ["factorize", "quantize"]
+    assert record["history"][-1]["options"] == {"bits": 8, "tables": None}
+    assert record["quantized"]["bits"] == 8 and record["quantized"]["scale_dtype"] == "F32"
     a = record["tensors"]["embedding.weight_a"]
-    assert a == {**a, "dtype": "F32", "shape": [600, 4], "stored": "I8", "scheme": "int8_symmetric_per_row",
-                 "axis": 0, "scale": "embedding.weight_a_scale", "role": "factor"}
+    assert a == {**a, "storage": "int8", "dtype": "F32", "shape": [600, 4], "stored": "I8",
+                 "scheme": "int8_symmetric_per_row", "axis": 0, "scale": "embedding.weight_a_scale", "role": "factor"}
     assert record["tensors"]["embedding.weight_b"]["role"] == "factor"
     assert record["tensors"]["fc1.weight"]["scheme"] == "int8_symmetric_per_channel"
     assert "fc1.bias" not in record["tensors"]
-    assert record["file"]["bytes_after"] == result.bytes_after
+    assert record["quantized"]["bytes_after"] == result.bytes_after
+    with load_checkpoint(result.output) as ckpt:  # the readers' view is the same as 0.1's record
+        q = quant_meta(ckpt)
+    assert q["bits"] == 8 and q["tensors"] == record["tensors"] and q["file"]["bytes_after"] == result.bytes_after
+    fp16 = json.loads(_meta(Path(quantize(dan_file, 16).output))[META_KEY])
+    assert fp16["tensors"]["fc1.weight"]["storage"] == "fp16" and fp16["tensors"]["fc1.weight"]["scale"] is None
+    assert "tables" in fp16 and not fp16["tables"] and [h["op"] for h in fp16["history"]] == ["quantize"]
 
 
 def test_factorized_then_int8(dan_file: Path) -> None:
@@ -284,3 +294,8 @@ def test_quantized_classifier_predicts_like_the_float_one(tmp_path: Path) -> Non
                              config=TrainConfig(epochs=1, batch_size=16, lr=2e-3, device="cpu"))
     tuned = load_classifier(ft.output)
     assert QUANT_META_KEY not in _meta(Path(ft.output)) and tuned.model.embedding.rank == 4
+    record = json.loads(_meta(Path(ft.output))[META_KEY])  # float again: no per-tensor storage, one more op
+    assert "tensors" not in record and "quantized" not in record
+    assert [h["op"] for h in record["history"]] == ["factorize", "quantize", "finetune"]
+    entry = record["tables"]["embedding.weight"]
+    assert entry["structure"] == "svd" and entry["rank"] == 4 and entry["trained"] is True

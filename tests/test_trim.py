@@ -104,6 +104,7 @@ def test_factorized_classifier_trims_w_a(clf: Path, tmp_path: Path) -> None:
         assert ckpt.infos["embedding.weight_a"].shape == (result.rows_after, 4)
         assert torch.equal(ckpt.tensor("embedding.weight_b"), before.tensor("embedding.weight_b"))
         assert ckpt.embcompress_meta["tables"]["embedding.weight"]["shape"] == [result.rows_after, 8]
+        assert [h["op"] for h in ckpt.embcompress_meta["history"]] == ["factorize", "trim"]
     assert torch.equal(_logits(out, CORPUS), _logits(fact, CORPUS))
 
 

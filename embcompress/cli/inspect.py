@@ -69,7 +69,7 @@ def inspect(
     if report.quantized:
         q = report.quantized
         console.print(f"quantized ({q.get('bits')}-bit) by embcompress quantize: {len(q['tensors'])} tensors "
-                      "(metadata 'embcompress.quant'); loaders dequantize them")
+                      "(each one's storage in the 'embcompress' record); loaders dequantize them")
     if not report.tables:
         console.print(f"[yellow]{report.note or 'no embedding table found'}[/yellow]")
         return

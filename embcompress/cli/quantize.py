@@ -64,7 +64,7 @@ def quantize(
     scales) or float16, and report the bytes and the error of the dequantized weights.
 
     The output is the same kind as the input (a file, or a model folder with its config and tokenizer); its
-    metadata ('embcompress.quant') records each quantized tensor, so `evaluate`, `finetune` and `export`
+    record (the 'embcompress' metadata) holds each quantized tensor's storage, so `evaluate`, `finetune` and `export`
     dequantize it on load. Factorize first, then quantize: the factors are quantized too.
     """
     workspace.check_record()  # before any output: the entry must be writable afterwards

@@ -104,7 +104,7 @@ def _fit_and_save(
                      start_dev_accuracy=dev_before if phase == "finetune" else None)
         clf.history = clf.history + [{"phase": phase, **r.to_dict()} for r in result.history]
         if is_main_process():
-            save_classifier(clf, output, inputs=inputs, force=force)
+            save_classifier(clf, output, inputs=inputs, force=force, op=phase, options=options)
             resume_path(output).unlink(missing_ok=True)
     except KeyboardInterrupt:
         kept = _saved_epoch(resume_path(output)) if saving[0] and is_main_process() else 0
