@@ -70,6 +70,9 @@ def parse_method(text: str) -> tuple[Method | None, Method | None]:
             storage = method
     if structure is None and storage is None:
         raise InputError("--method dense alone changes nothing; add a storage (dense+int8) or choose a structure")
+    if structure is not None and storage is not None and not structure.takes_storage:
+        raise InputError(f"--method {text!r}: {structure.name} keeps its own storage (codes and fp16 codebooks); "
+                         f"use {structure.name} alone")
     return structure, storage
 
 

@@ -157,9 +157,10 @@ def candidates(methods: str | Iterable[str] | None = None) -> list[str]:
         for name in names:
             core.parse_method(name)
         return list(dict.fromkeys(names))
-    structures = [m.name for m in registered(STRUCTURE)]
+    structures = registered(STRUCTURE)
     storages = [m.name for m in registered(STORAGE)]
-    return structures + storages + [f"{s}+{t}" for s in structures for t in storages]
+    return ([m.name for m in structures] + storages
+            + [f"{s.name}+{t}" for s in structures if s.takes_storage for t in storages])
 
 
 @dataclass

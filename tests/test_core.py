@@ -130,3 +130,9 @@ def test_set_options_split_by_config_and_dotted_keys() -> None:
         core.split_options("int8", ["rank=4"])
     with pytest.raises(InputError, match="name=value"):
         core.split_options("svd", ["rank"])
+
+
+@pytest.mark.parametrize("text", ["pq+int8", "iiq+fp16", "tiered+lowbit"])
+def test_a_structure_with_its_own_storage_takes_no_other(text: str) -> None:
+    with pytest.raises(InputError, match="keeps its own storage"):
+        core.parse_method(text)

@@ -189,6 +189,7 @@ class Method:
     dequantize: Dequantize | None = None
     gather: Gather | None = None
     fit_stored: Callable[[torch.Tensor, Table, Method, Config], None] | None = None  # structure+storage fitting
+    takes_storage: bool = True  # a structure whose tensors a storage may keep (codebooks and codes keep their own)
     needs: tuple[str, ...] = ()  # "counts": token counts from --corpus / --counts
     onnx: bool = True
     aliases: tuple[str, ...] = ()
@@ -205,6 +206,7 @@ class Method:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "description": self.description, "options": self.options(),
                 "needs": list(self.needs), "onnx": self.onnx, "budget": list(self.budget_options),
+                "takes_storage": self.takes_storage if self.kind == STRUCTURE else None,
                 "aliases": list(self.aliases)}
 
 

@@ -321,4 +321,5 @@ METHOD = register(Method(
     encode=_encode,
     table=IIQTable,
     budget_options=("bits",),
+    takes_storage=False,
 ))

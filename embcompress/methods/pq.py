@@ -504,5 +504,6 @@ METHOD = register(Method(
     encode=_encode,
     table=PQTable,
     budget_options=("subvector", "centroids"),
+    takes_storage=False,
 ))
 

@@ -218,4 +218,5 @@ METHOD = register(Method(
     table=TieredTable,
     needs=("counts",),
     budget_options=("frequent",),
+    takes_storage=False,
 ))
