@@ -40,6 +40,8 @@ MINILM_BUDGETS = ["0.25", "0.1", "0.05", "0.03"]
 SST2_BUDGETS = ["0.1", "0.05", "0.02"]
 MINILM_TEXTS = 600  # the measurements used 600 SST-2 test sentences
 QUICK_METHODS = "svd,lowbit"
+# the structures and storages alone, and the combinations worth a row (pq, iiq and tiered keep their own storage)
+METHODS = "svd,weighted,groupreduce,pq,iiq,tiered,int8,fp16,lowbit,svd+int8,svd+lowbit,groupreduce+int8"
 
 
 def log(msg: str) -> None:
@@ -60,12 +62,12 @@ def page(title: str, intro: list[str], sections: list[str], doc: dict[str, Any])
                       + (" (a --quick smoke run)" if doc["quick"] else "") + ".", "", *sections])
 
 
-def run_minilm(out: Path, quick: bool) -> dict[str, Any]:
+def run_minilm(out: Path, quick: bool, methods: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # token counts from the training sentences, scores on test ones
         result = compare_model(minilm_folder(), SST2 / "test.jsonl", budgets=["0.1"] if quick else MINILM_BUDGETS,
-                               methods=QUICK_METHODS if quick else None, limit=16 if quick else MINILM_TEXTS,
-                               latency=False, output=Path(tmp) / "cmp", progress=log)
+                               methods=QUICK_METHODS if quick else methods, limit=16 if quick else MINILM_TEXTS,
+                               train=SST2 / "train.jsonl", latency=False, output=Path(tmp) / "cmp", progress=log)
     sweep.plot(result, out / "pareto_minilm.png", title="all-MiniLM-L6-v2: mean cosine against table bytes")
     doc = {"quick": quick, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "machine": machine_info(),
            "wall_seconds": time.perf_counter() - t0, "result": result.to_dict()}
@@ -73,7 +75,8 @@ def run_minilm(out: Path, quick: bool) -> dict[str, Any]:
     md = page("all-MiniLM-L6-v2: every method at each byte budget", [
         "Written by `scripts/pareto.py minilm` through `embcompress.compare.compare_model` (what `embcompress compare` "
         "runs): every registered method and combination sized to each budget by `core.spec_for_budget`, encoded "
-        "in memory, no recovery. Quality: cosine of the mean-pooled sentence embeddings to the original's on a "
+        "in memory, no recovery; token counts (for the methods that weight by frequency) from the SST-2 training "
+        "sentences. Quality: cosine of the mean-pooled sentence embeddings to the original's on a "
         "seeded subsample of the SST-2 test sentences, and a logistic-regression probe on their labels beside the "
         "original's. A row the method cannot size to the budget says so.", "",
         "![quality against bytes](pareto_minilm.png)"], [sweep.to_markdown(result, title="Rows")], doc)
@@ -81,7 +84,7 @@ def run_minilm(out: Path, quick: bool) -> dict[str, Any]:
     return doc
 
 
-def run_sst2(out: Path, quick: bool) -> dict[str, Any]:
+def run_sst2(out: Path, quick: bool, methods: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.set_num_threads(2)
     settings = QUICK if quick else FULL
@@ -96,7 +99,8 @@ def run_sst2(out: Path, quick: bool) -> dict[str, Any]:
                       train_config(settings, epochs=mcfg["train_epochs"], lr=mcfg["adam_lr"], optimizer="adam",
                                    schedule="calr", seed=0))
             result = compare_model(model, files["test"], budgets=["0.1"] if quick else SST2_BUDGETS,
-                                   methods=QUICK_METHODS if quick else None, train=files["train"], dev=files["dev"],
+                                   methods=QUICK_METHODS if quick else methods, train=files["train"],
+                                   dev=files["dev"],
                                    baselines=["fair", "svd"], reductions=[0.9],
                                    finetune_epochs=mcfg["finetune_epochs"], finetune_lr=mcfg["finetune_lr"],
                                    latency=False, output=Path(tmp) / f"{name}.cmp", device="cpu", progress=log)
@@ -125,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("which", choices=("minilm", "sst2"))
     ap.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--quick", action="store_true", help="a smoke run: one budget, three methods, a few texts")
+    ap.add_argument("--methods", default=METHODS, help=f"comma-separated methods (default: {METHODS})")
     args = ap.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (run_minilm if args.which == "minilm" else run_sst2)(args.out_dir, args.quick)
+    (run_minilm if args.which == "minilm" else run_sst2)(args.out_dir, args.quick, args.methods)
     return 0
 
 
