@@ -53,7 +53,7 @@ def compare(
                           show_default=False)] = None,
     train: Annotated[Path | None, typer.Option("--train", help="Classifiers: training examples for the protocol "
                      "rows and recovery (default: from the workspace record). Encoders: the texts recovery distils "
-                     "on (default: --data).", show_default=False)] = None,
+                     "on and frequency-weighted methods count tokens in (default: --data).", show_default=False)] = None,
     dev: DevOpt = None,
     finetune_epochs: Annotated[int | None, typer.Option("--finetune-epochs", help="Epochs of CALR fine-tuning "
                                "for the proposed rows (default 3).", show_default=False)] = None,

@@ -76,7 +76,7 @@ def compress(
     """
     workspace.check_record()
     if method == AUTO:
-        _auto(path, budget, data, min_quality, methods, output, force, device, json)
+        _auto(path, budget, data, min_quality, methods, corpus, output, force, device, json)
         return
     s_opts, t_opts = core.split_options(method, options)
     for part in method.split("+"):
@@ -128,10 +128,10 @@ def _chosen(t: dict[str, Any]) -> str:
 
 
 def _auto(path: Path, budget: str | None, data: Path | None, min_quality: float | None, methods: str | None,
-          output: Path | None, force: bool, device: str, json: bool) -> None:
+          corpus: Path | None, output: Path | None, force: bool, device: str, json: bool) -> None:
     with spinner("measuring every method", not json) as say:
         result = compress_auto(path, budget=budget, data=data, min_quality=min_quality, methods=methods,
-                               output=output, force=force, device=device, progress=say)
+                               corpus=corpus, output=output, force=force, device=device, progress=say)
     written = result.written
     workspace.record("compress", options={"method": AUTO, "budget": budget, "min_quality": min_quality,
                                           "methods": methods},

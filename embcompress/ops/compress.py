@@ -221,11 +221,13 @@ def compress(
         budget_bytes = parse_budget(budget, float32)
         needs = {n for m in (structure, storage) if m for n in m.needs}
         row_counts = None
+        counted: dict[str, Any] | None = None
         if "counts" in needs or counts is not None or corpus is not None:
             got = load_counts(src, tables, counts, corpus)
             if got is None:
                 raise InputError(f"--method {method} needs token counts (--counts FILE or --corpus TEXTS)")
             row_counts = torch.from_numpy(got.counts).to(torch.float64)
+            counted = got.to_dict()
         specs = {}
         for t in found:
             share = None if budget_bytes is None else int(budget_bytes * (4 * t.rows * t.cols) / float32)
@@ -249,6 +251,8 @@ def compress(
                                                counts={t.name: row_counts} if row_counts is not None else None,
                                                tied={t.name: list(t.tied)}, device=device)
             entry = new[t.name]
+            if counted is not None:
+                entry["counts"] = counted  # where the token counts came from
             entry["history"] = [{"op": "compress", "method": method, "tool": f"embcompress {__version__}",
                                  "budget_bytes": None if budget_bytes is None else
                                  int(budget_bytes * (4 * t.rows * t.cols) / float32)}]

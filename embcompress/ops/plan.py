@@ -100,12 +100,16 @@ def compress_auto(
     min_quality: float | None = None,
     methods: str | list[str] | None = None,
     limit: int | None = None,
+    corpus: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
     force: bool = False,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> AutoResult:
-    """Sweep every method at ``budget`` on the texts of ``data`` (no recovery), choose, and write the choice."""
+    """Sweep every method at ``budget`` on the texts of ``data`` (no recovery), choose, and write the choice.
+
+    Methods that weight by frequency count tokens in ``corpus`` when given (texts other than the scored ones, so
+    their scores are not flattered), else in ``data``."""
     if data is None:
         raise InputError("--method auto measures every method on your texts: give --data TEXTS (.txt or .jsonl)")
     if budget is None:
@@ -118,13 +122,14 @@ def compress_auto(
         check_output(out, [src, Path(data)], force=force)
     cache = (out.resolve().parent if out is not None else Path.cwd()) / sweep.CACHE_NAME
     result = sweep.sweep(src, data, budgets=[str(budget)], methods=methods, limit=limit, cache_dir=cache,
-                         device=device, progress=progress)
+                         train=corpus, device=device, progress=progress)
     size = next(iter(result.settings["budget_bytes"].values()))
     choice = choose(result, size, min_quality)
     counted = any("counts" in m.needs for m in _parts(choice.row.method))
     if progress:
         progress(f"writing {choice.row.method}")
-    written = compress(src, choice.row.method, budget=str(budget), corpus=data if counted else None,
+    written = compress(src, choice.row.method, budget=str(budget),
+                       corpus=(corpus if corpus is not None else data) if counted else None,
                        output=output, force=force, device=device, progress=progress)
     return AutoResult(choice, written, result, {"budget": str(budget), "min_quality": min_quality,
                                                 "data": str(data), "limit": limit, "cache": str(cache)})

@@ -50,3 +50,18 @@ def test_auto_bad_input_is_one_line(capsys, bert: Path, texts: Path, tmp_path: P
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err
     assert set(tmp_path.iterdir()) == before
+
+
+def test_auto_counts_tokens_in_the_corpus_when_given(capsys, bert: Path, texts: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the film is good\n" * 5, encoding="utf-8")
+    assert main(["compress", str(bert), "--method", "auto", "--budget", "0.3", "--data", str(texts), "--corpus",
+                 str(corpus), "--methods", "groupreduce", "-o", "out", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (table,) = doc["tables"]
+    assert table["method"] == "groupreduce"
+    from embcompress.checkpoint import load_checkpoint
+
+    with load_checkpoint(tmp_path / "out") as ckpt:
+        entry = ckpt.embcompress_meta["tables"]["embeddings.word_embeddings.weight"]
+    assert entry["counts"]["source"] == str(corpus)  # counted in the corpus, not in --data
