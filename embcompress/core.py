@@ -151,7 +151,8 @@ def spec_for_budget(method: str, rows: int, dim: int, budget: int, options: Mapp
     for _ in range(200):  # shrink the structure's share until its tensors, so stored, fit
         config = structure.config.for_budget(rows, dim, inner, **options)
         shapes = config.planned_shapes(rows, dim)
-        if shapes is None or sum(storage_config.stored_bytes(*_as_2d(s)) for s in shapes.values()) <= budget:
+        extra = config.extra_bytes(rows, dim, storage_config)
+        if shapes is None or sum(storage_config.stored_bytes(*_as_2d(s)) for s in shapes.values()) + extra <= budget:
             return Spec(structure, config, storage, storage_config)
         inner = int(inner * 0.99)
     raise base.BudgetError(f"{method} cannot be sized to {budget} bytes")

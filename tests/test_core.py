@@ -136,3 +136,12 @@ def test_set_options_split_by_config_and_dotted_keys() -> None:
 def test_a_structure_with_its_own_storage_takes_no_other(text: str) -> None:
     with pytest.raises(InputError, match="keeps its own storage"):
         core.parse_method(text)
+
+
+def test_groupreduce_kept_in_int8_fits_its_budget() -> None:
+    W = torch.randn(3000, 64, generator=torch.Generator().manual_seed(6))
+    counts = torch.arange(3000, 0, -1).double()
+    budget = int(0.25 * 4 * W.numel())
+    spec = core.spec_for_budget("groupreduce+int8", 3000, 64, budget, {"blocks": 4})
+    table = core.encode_table(W, spec, core.Context(counts=counts))
+    assert core.table_entry(table)["bytes"] <= budget

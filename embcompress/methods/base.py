@@ -72,6 +72,10 @@ class Config:
         """The bytes a ``rows`` x ``dim`` table takes with these options (for planning, before encoding)."""
         raise NotImplementedError
 
+    def extra_bytes(self, rows: int, dim: int, storage: Config | None = None) -> int:
+        """Bytes beyond ``planned_shapes`` that a structure kept in ``storage`` may add (maps, per-block scales)."""
+        return 0
+
     def planned_shapes(self, rows: int, dim: int) -> dict[str, tuple[int, ...]] | None:
         """The shapes of the float tensors a storage may keep (``storable``), when known before encoding; a
         budget for structure+storage is checked against them."""

@@ -178,6 +178,10 @@ class GroupReduceConfig(WeightedConfig):
     blocks: int = DEFAULT_BLOCKS
     rounds: int = DEFAULT_ROUNDS
 
+    def extra_bytes(self, rows: int, dim: int, storage: Config | None = None) -> int:
+        """The row -> block map, and at most a 4-byte scale per row of every block's right factor."""
+        return rows + (4 * self.blocks * dim if storage is not None else 0)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.blocks <= MAX_BLOCKS:
