@@ -64,6 +64,20 @@ class TieredConfig(Config):
 
     @classmethod
     def for_budget(cls, rows: int, dim: int, budget: int, **options: Any) -> TieredConfig:
+        """The largest fraction of frequent rows that fits. Without a ``method``, low-bit tiers where they fit, else
+        product-quantization tiers (3-dim subvectors for frequent rows where 3 divides d, 8-dim for the rest)."""
+        if "method" in options:
+            return cls._sized(rows, dim, budget, **options)
+        try:
+            return cls._sized(rows, dim, budget, **options, method="lowbit")
+        except (BudgetError, InputError):
+            high = 3 if dim % 3 == 0 else 2
+            low = next((s for s in (8, 6, 4, 12, 16) if dim % s == 0 and s > high), high * 2)
+            return cls._sized(rows, dim, budget, **{"high": {"subvector": high}, "low": {"subvector": low},
+                                                     **options}, method="pq")
+
+    @classmethod
+    def _sized(cls, rows: int, dim: int, budget: int, **options: Any) -> TieredConfig:
         """The largest fraction of frequent rows that fits (the stored bytes grow with it; a tier too small for
         its method, such as fewer rows than a codebook's centroids, is skipped)."""
         options.pop("frequent", None)

@@ -98,3 +98,10 @@ def test_a_model_with_a_tiered_table_saves_one_table() -> None:
     fresh = torch.nn.Sequential(torch.nn.Embedding(1000, 64))
     core.attach(fresh, state, entries)
     torch.testing.assert_close(fresh(torch.tensor([1, 2, 900])), model(torch.tensor([1, 2, 900])))
+
+
+def test_budget_below_low_bit_tiers_falls_back_to_codebook_tiers() -> None:
+    config = TieredConfig.for_budget(30000, 48, int(0.05 * 4 * 30000 * 48))
+    assert config.method == "pq" and config.high == {"subvector": 3} and config.low == {"subvector": 8}
+    assert 0 < config.frequent < 1 and config.stored_bytes(30000, 48) <= int(0.05 * 4 * 30000 * 48)
+    assert TieredConfig.for_budget(30000, 64, int(0.12 * 4 * 30000 * 64)).method == "lowbit"
