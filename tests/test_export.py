@@ -289,3 +289,58 @@ def test_lowbit_table_is_gather_block_quantized_and_3_bits_are_refused(stored, t
 def test_latency_at_batch_1_and_64(models, tmp_path: Path) -> None:
     report = export_onnx(models["dan"], tmp_path / "m.onnx", threads=1, device="cpu", latency=True)
     assert set(report.latency_ms) == {1, 64} and all(v > 0 for v in report.latency_ms.values())
+
+
+def _matmul_graph(path: Path, w: np.ndarray) -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", w.shape[0]])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", w.shape[1]])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", [x], [y],
+                                   [onnx.numpy_helper.from_array(w, "w")])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+
+
+def _decode_float32(stored: dict, config, shape: tuple[int, int]) -> np.ndarray:
+    """(q - z) * s in float32, as MatMulNBits computes it (dequantize_lowbit rounds to float16 as the table op)."""
+    from embcompress.methods import lowbit as lb
+
+    n, k = shape
+    nb = k // config.group_size
+    q = lb.unpack(stored[""], config.bits, k).double().reshape(n, nb, -1)
+    z = (lb.unpack(stored[lb.ZERO_SUFFIX], config.bits, nb).double() if lb.ZERO_SUFFIX in stored
+         else torch.full((n, nb), 2.0 ** (config.bits - 1), dtype=torch.float64))
+    return ((q - z.unsqueeze(-1)) * stored[lb.SCALE_SUFFIX].double().unsqueeze(-1)).reshape(n, k).numpy()
+
+
+@pytest.mark.parametrize("scheme", ["asym", "sym"])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_matmul_nbits_equals_the_torch_dequantized_product(tmp_path: Path, scheme: str, calibrated: bool) -> None:
+    """One MatMulNBits node reads the lowbit bytes as torch decodes them: x @ dequantize(codes of w^T)^T; with
+    calibration inputs its codes are GPTQ's on those inputs' moments, and its output error is smaller."""
+    from embcompress.export.weights import input_moments, quantize_weights
+    from embcompress.methods import lowbit as lb
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 24, generator=g).numpy()
+    mix = torch.randn(64, 64, generator=g) / 6 + torch.eye(64)  # correlated channels, a few of them large
+    x = ((torch.randn(256, 64, generator=g) @ mix) * (1 + 7 * (torch.rand(64, generator=g) > 0.9))).numpy()
+    _matmul_graph(tmp_path / "f.onnx", w)
+    feeds = [{"x": x[i : i + 64]} for i in range(0, 256, 64)]
+    quantize_weights(tmp_path / "f.onnx", tmp_path / "q.onnx", "int4", scheme=scheme,
+                     calibration=feeds if calibrated else None)
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    assert [n.op_type for n in graph.node] == ["Cast", "MatMulNBits"]  # the fp16 scales widened, then the product
+    assert {i.data_type for i in graph.initializer} == {onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16}
+    got = make_session(tmp_path / "q.onnx", device="cpu", threads=1).run(["y"], {"x": x})[0]
+    config = lb.LowBitConfig(bits=4, group_size=32, scheme=scheme)
+    wt = torch.from_numpy(np.ascontiguousarray(w.T))
+    if calibrated:
+        hessian = torch.from_numpy(input_moments(onnx.load(str(tmp_path / "f.onnx")), ["x"], feeds)["x"])
+        assert torch.allclose(hessian, torch.from_numpy(x).double().T @ torch.from_numpy(x).double() / 256)
+        stored = lb.quantize_lowbit_gptq(wt, config, hessian)
+    else:
+        stored = lb.quantize_lowbit(wt, config)
+    want = x @ _decode_float32(stored, config, (24, 64)).T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+    if calibrated:
+        plain = x @ _decode_float32(lb.quantize_lowbit(wt, config), config, (24, 64)).T
+        assert np.linalg.norm(got - x @ w) < 0.9 * np.linalg.norm(plain - x @ w)

@@ -273,11 +273,12 @@ def default_onnx_output(path: Path, quantize: str | None) -> Path:
     return path.parent / f"{stem}{'.' + quantize if quantize else ''}.onnx"
 
 
-def _quantize(src: Path, work: Path, quantize: str, block_size: int) -> tuple[Path, list[str]]:
+def _quantize(src: Path, work: Path, quantize: str, block_size: int,
+              calibration: list[dict[str, np.ndarray]] | None = None) -> tuple[Path, list[str]]:
     dst = work / f"{quantize}.onnx"
     if quantize in BITS:
         with quiet():
-            done = quantize_weights(src, dst, quantize, block_size=block_size)
+            done = quantize_weights(src, dst, quantize, block_size=block_size, calibration=calibration)
         return dst, [f"{quantize} weight-only (activations stay float32): " + (", ".join(done) or "no float weight")]
     convert_fp16(src, dst)
     return dst, ["fp16: float16 weights and arithmetic, the inputs' and outputs' types kept"]
@@ -309,7 +310,9 @@ def write_export(family: Family, out: Path, *, quantize: str | None, opset: int,
         final, check = fp32, None
         if quantize:
             say(f"quantizing ({quantize})")
-            final, notes = _quantize(fp32, work, quantize, block_size)
+            feeds = getattr(family, "calibration_feeds", None)  # optional: a family's inputs for GPTQ (int4)
+            calibration = feeds() if feeds is not None and quantize == "int4" else None
+            final, notes = _quantize(fp32, work, quantize, block_size, calibration)
             if quantize == "fp16" and used == ["CPUExecutionProvider"]:
                 notes.append("fp16 on the CPU: onnxruntime casts ops lacking a float16 kernel back to float32")
             finish(final, doc, props, quantize)

@@ -37,6 +37,8 @@ QUANTIZE_CHOICES = ("int8", "int4")
 # must still keep the sentence meaning
 MIN_COSINE = {"int8": 0.99, "int4": 0.95}
 PARITY_TEXT_LIMIT = 32  # texts read from --data for the parity check
+CALIBRATION_TEXTS = 128  # int4: texts after the parity ones in --data (else random tokens) for GPTQ
+CALIBRATION_TOKENS = 24  # words in a random-token calibration text
 LATENCY_BATCHES = (1, 64)
 
 PARITY_TEXTS = [
@@ -114,6 +116,16 @@ def table_formats(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def random_texts(tokenizer: Any, count: int, words: int, seed: int = 0) -> list[str]:
+    """``count`` texts of ``words`` vocabulary entries drawn at random (alphabetic ones, special tokens excluded):
+    data-free calibration inputs."""
+    special = set(tokenizer.all_special_tokens)
+    vocab = sorted(t for t in tokenizer.get_vocab() if t not in special and t.strip("#▁Ġ").isalpha())
+    gen = np.random.default_rng(seed)
+    return [tokenizer.convert_tokens_to_string([vocab[i] for i in gen.integers(0, len(vocab), words)])
+            for _ in range(count)]
+
+
 class EncoderFamily:
     """The encoder graph for :func:`onnx.write_export`: parity on texts, sentence embeddings compared."""
 
@@ -121,9 +133,10 @@ class EncoderFamily:
     score_name = "mean cosine"
 
     def __init__(self, model: nn.Module, tokenizer: Any, texts: list[str], source: Path,
-                 max_length: int = hf.DEFAULT_MAX_LENGTH) -> None:
+                 max_length: int = hf.DEFAULT_MAX_LENGTH, calibration: list[str] | None = None) -> None:
         self.graph = EncoderExport(model, tokenizer, max_length).eval()
         self.model, self.tokenizer, self.texts, self.source, self.max_length = model, tokenizer, texts, source, max_length
+        self.calibration = calibration
         self.description = "encoder, then the mean of the attended token states"
 
     def metadata(self) -> tuple[str, dict[str, str]]:
@@ -157,6 +170,12 @@ class EncoderFamily:
     def min_score(self, quantize: str) -> float | None:
         return MIN_COSINE.get(quantize)
 
+    def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
+        """One unpadded input per calibration text (GPTQ's statistics see no padding): the texts given, else
+        ``CALIBRATION_TEXTS`` strings of random vocabulary words (seeded), never the parity texts."""
+        texts = self.calibration or random_texts(self.tokenizer, CALIBRATION_TEXTS, CALIBRATION_TOKENS)
+        return [{k: v.numpy() for k, v in self._feeds([t]).items()} for t in texts]
+
     def latency_feeds(self, sizes: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
         out = {}
         for size in sizes:
@@ -187,7 +206,9 @@ def export_encoder(
 
     ``quantize``: None (float32), ``"int8"`` or ``"int4"`` (weight-only: MatMulNBits / int8 per channel, the tables
     keeping their storage or, when float, int8 rows / 4-bit groups). Parity texts: ``texts``, else up to
-    ``PARITY_TEXT_LIMIT`` of ``data`` (.txt a line, or JSON Lines), else a built-in set. ``tolerance``: the float32
+    ``PARITY_TEXT_LIMIT`` of ``data`` (.txt a line, or JSON Lines), else a built-in set. ``int4`` chooses its codes
+    by GPTQ on calibration texts: up to ``CALIBRATION_TEXTS`` of ``data`` after the parity ones, else random
+    vocabulary texts (never the parity texts, so the check stays a held-out one). ``tolerance``: the float32
     graph's largest sentence-embedding difference (default 1e-4). ``latency``: the median time of one call at
     batch 1 and 64. Raises ParityError, writing nothing, when a check fails.
     """
@@ -197,15 +218,17 @@ def export_encoder(
     if device not in ("auto", "cpu"):
         raise InputError(f"--device {device}: the ONNX export of a Hugging Face model is checked on the CPU (auto or "
                          "cpu)")
+    calibration = None
     if texts is None and data is not None:
-        texts = hf.read_texts(data, limit=PARITY_TEXT_LIMIT)
+        read = hf.read_texts(data, limit=PARITY_TEXT_LIMIT + (CALIBRATION_TEXTS if quantize == "int4" else 0))
+        texts, calibration = read[:PARITY_TEXT_LIMIT], read[PARITY_TEXT_LIMIT:] or None
     out = Path(output) if output is not None else default_onnx_output(src, quantize)
     check_output(out, [src] + ([Path(data)] if data is not None else []), force=force)
     runtime.import_onnxruntime()
     model = hf.load(src, task="base")
     check_finite_tensors(model.named_parameters(), action="export it")
     check_tables(model)
-    family = EncoderFamily(model, hf.load_tokenizer(src), list(texts or PARITY_TEXTS), src, max_length)
+    family = EncoderFamily(model, hf.load_tokenizer(src), list(texts or PARITY_TEXTS), src, max_length, calibration)
     written = write_export(family, out, quantize=quantize, opset=opset, device="cpu", threads=threads,
                            latency=LATENCY_BATCHES if latency else (), tolerance=tolerance, block_size=block_size,
                            progress=progress)

@@ -388,6 +388,72 @@ def quantize_lowbit(w: torch.Tensor, config: LowBitConfig) -> dict[str, torch.Te
     return out
 
 
+def quantize_lowbit_gptq(w: torch.Tensor, config: LowBitConfig, hessian: torch.Tensor, *, damp: float = 0.01,
+                         act_order: bool = True, block: int = 128) -> dict[str, torch.Tensor]:
+    """The stored tensors of :func:`quantize_lowbit` for a weight ``w`` (n, d) multiplying inputs x (d) as
+    ``w @ x``, with codes chosen by GPTQ (Frantar et al., ICLR 2023) to keep ``w @ x`` rather than ``w`` itself.
+
+    Why: a layer's error is ``(w - w_q) @ x``; where the inputs have large or correlated channels (a transformer's
+    LayerNorm outputs), rounding each weight to its nearest code wastes accuracy. ``hessian`` is E[x x^T] (d, d)
+    over calibration inputs. Columns are quantized one at a time; each one's rounding error is spread over the
+    columns not yet quantized through the inverse Hessian (its Cholesky factor, ``damp`` times the mean diagonal
+    added). ``act_order``: columns in decreasing order of E[x_i^2], the groups' scales and zero points fitted
+    (min/max, or ``refine``) on ``w`` beforehand; else columns in order, each group fitted on its columns as updated
+    when it is reached. The result has the very layout of the min/max storage, so every reader of ``lowbit`` tensors
+    reads it unchanged."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise InputError(f"GPTQ needs a floating matrix, got {w.dtype} {tuple(w.shape)}")
+    n, dim = w.shape
+    nb, G, L = config.groups(dim), config.group_size, config.levels
+    if tuple(hessian.shape) != (dim, dim):
+        raise InputError(f"GPTQ needs a {dim} x {dim} Hessian, got {tuple(hessian.shape)}")
+    W = w.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float64).clone()
+    dead = H.diagonal() <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    fit = _refined if config.refine else _plain
+    mid = float(1 << (config.bits - 1))
+    scales = torch.empty(n, nb, dtype=torch.float16)
+    zeros = torch.full((n, nb), int(mid), dtype=torch.uint8)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(dim)
+    if act_order:
+        _, s16, z16 = fit(W.reshape(n, nb, G).contiguous(), config)
+        scales.copy_(s16)
+        if z16 is not None:
+            zeros.copy_(z16)
+        W, H = W[:, perm].contiguous(), H[perm][:, perm]
+    H.diagonal().add_(damp * float(H.diagonal().mean()))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    q_all = torch.empty(n, dim, dtype=torch.uint8)
+    step = max(G, block // G * G)
+    for b0 in range(0, dim, step):
+        b1 = min(b0 + step, dim)
+        w1 = W[:, b0:b1]
+        err = torch.zeros_like(w1)
+        h1 = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = int(perm[b0 + i])
+            if not act_order and col % G == 0:
+                _, s16, z16 = fit(w1[:, i : i + G].reshape(n, 1, G).contiguous(), config)
+                scales[:, col // G] = s16[:, 0]
+                if z16 is not None:
+                    zeros[:, col // G] = z16[:, 0]
+            sf, z = scales[:, col // G].to(torch.float32), zeros[:, col // G].to(torch.float32)
+            x = w1[:, i]
+            q = _codes(x.reshape(n, 1, 1), sf.reshape(n, 1), z.reshape(n, 1), L).reshape(n)
+            q_all[:, col] = q.to(torch.uint8)
+            deq = (q - z) * sf  # float32, as MatMulNBits computes it
+            e = (x - deq) / h1[i, i]
+            w1[:, i:].sub_(e.unsqueeze(1) * h1[i, i:].unsqueeze(0))
+            err[:, i] = e
+        W[:, b1:].sub_(err @ hinv[b0:b1, b1:])
+    out = {"": pack(q_all, config.bits), SCALE_SUFFIX: scales}
+    if config.scheme == "asym":
+        out[ZERO_SUFFIX] = pack_padded(zeros, _zero_bits(config.bits))
+    return out
+
+
 def dequantize_lowbit(stored: Mapping[str, torch.Tensor], config: LowBitConfig,
                       shape: tuple[int, ...]) -> torch.Tensor:
     """float32 values of any rows of the stored tensors (the rows they hold), reshaped to ``shape``: (q - z) * s per
