@@ -136,10 +136,10 @@ class TieredTable(Table):
         self.register_buffer("weight_tiers", tiers.to(torch.uint8).clone())
         self.parts = nn.ModuleList(parts)
         self._sizes = [int((self.weight_tiers == c).sum()) for c in (0, 1)]
-        place = torch.zeros(self.num_embeddings, dtype=torch.long)
+        place = torch.zeros(self.num_embeddings, dtype=torch.int32)  # int32: half the bytes of the map in ONNX
         for c in (0, 1):
             mine = (self.weight_tiers == c).nonzero().flatten()
-            place[mine] = torch.arange(mine.numel())
+            place[mine] = torch.arange(mine.numel(), dtype=torch.int32)
         self.register_buffer("rows", place, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

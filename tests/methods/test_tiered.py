@@ -105,3 +105,18 @@ def test_budget_below_low_bit_tiers_falls_back_to_codebook_tiers() -> None:
     assert config.method == "pq" and config.high == {"subvector": 3} and config.low == {"subvector": 8}
     assert 0 < config.frequent < 1 and config.stored_bytes(30000, 48) <= int(0.05 * 4 * 30000 * 48)
     assert TieredConfig.for_budget(30000, 64, int(0.12 * 4 * 30000 * 64)).method == "lowbit"
+
+
+def test_pq_tiers_export_to_onnx(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    W2 = torch.randn(1500, 32, generator=torch.Generator().manual_seed(7))
+    counts = torch.arange(1500, 0, -1).double()
+    spec = core.make_spec("tiered", {"method": "pq", "frequent": 0.4, "high": {"subvector": 2, "centroids": 64},
+                                     "low": {"subvector": 8, "centroids": 64, "iterations": 5}})
+    table = core.encode_table(W2, spec, Context(counts=counts))
+    path = tmp_path / "tiered-pq.onnx"
+    ids = torch.tensor([[0, 1, 700, 1499], [3, 2, 900, 10]])
+    torch.onnx.export(table, (ids,), str(path), input_names=["ids"], output_names=["rows"], opset_version=17,
+                      dynamo=False, dynamic_axes={"ids": {0: "b", 1: "t"}, "rows": {0: "b", 1: "t"}})
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), table(ids))
