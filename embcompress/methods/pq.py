@@ -28,6 +28,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ UNSEEN_COUNT = 0.1  # the count a never-seen row is weighted as
 SAMPLE_PER_CENTROID = 64  # k-means trains on at most this many rows per centroid
 _SEED_PER_CENTROID = 8  # k-means++ seeds from at most this many rows per centroid
 _BLOCK_ELEMS = 1 << 21  # distance entries (subspaces x rows x centroids) per block of the assignment
+FAISS_MIN_DIM = 8  # faiss gets points of at least this many dims (zeros appended)
 COMPILE_ENTRIES = 2_000_000_000  # distance entries from which the assignment kernel is compiled
 
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -270,38 +272,79 @@ def kmeans_torch(x: torch.Tensor, weights: torch.Tensor | None, k: int, iteratio
     return c
 
 
+def faiss_threads() -> int:
+    """Subspaces encoded at once by faiss: the CPU cores this process may use, at most faiss's OpenMP threads."""
+    import faiss
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, faiss.omp_get_max_threads()))
+
+
+def _faiss_points(x: torch.Tensor) -> Any:
+    """x (n, S) as faiss wants it: contiguous float32, zero dims appended up to FAISS_MIN_DIM (no distance changes,
+    and faiss's distance kernels below 8 dims are about 10x slower on CPU)."""
+    import numpy as np
+
+    a = x.detach().to(torch.float32).numpy()
+    if a.shape[1] < FAISS_MIN_DIM:
+        a = np.pad(a, ((0, 0), (0, FAISS_MIN_DIM - a.shape[1])))
+    return np.ascontiguousarray(a)
+
+
+def _faiss_pool(job: Any, count: int) -> None:
+    """Run ``job(j)`` for j < count on faiss_threads() threads (faiss releases the GIL), each faiss call on one
+    OpenMP thread (S-dim subspaces are too small to share; OpenMP threads would only spin)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    workers = faiss_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        if workers == 1:
+            for j in range(count):
+                job(j)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(job, range(count)))
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
 def kmeans_faiss(x: torch.Tensor, weights: torch.Tensor | None, k: int, iterations: int, seed: int) -> torch.Tensor:
-    """The same with faiss, one subspace at a time (faiss seeds at random among the points)."""
+    """The same with faiss, the subspaces spread over the cores (faiss seeds at random among the points)."""
     import faiss
     import numpy as np
 
     m, n, s = x.shape
     out = torch.empty(m, k, s)
     wn = None if weights is None else np.ascontiguousarray(weights.numpy(), dtype=np.float32)
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)  # S-dim subspaces are too small to share; OpenMP threads only spin
-    try:
-        for j in range(m):
-            km = faiss.Kmeans(s, k, niter=iterations, seed=seed + j, verbose=False,
-                              max_points_per_centroid=max(1, n), min_points_per_centroid=1)
-            km.train(np.ascontiguousarray(x[j].numpy()), weights=wn)
-            out[j] = torch.from_numpy(km.centroids.reshape(k, s).copy())
-    finally:
-        faiss.omp_set_num_threads(threads)
+
+    def job(j: int) -> None:
+        points = _faiss_points(x[j])
+        km = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed + j, verbose=False,
+                          max_points_per_centroid=max(1, n), min_points_per_centroid=1)
+        km.train(points, weights=wn)
+        out[j] = torch.from_numpy(km.centroids.reshape(k, -1)[:, :s].copy())
+
+    _faiss_pool(job, m)
     return out
 
 
 def encode_rows_faiss(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Each row's nearest centroid in every subspace, by faiss, the subspaces spread over the cores."""
     import faiss
-    import numpy as np
 
     m, k, s = centroids.shape
     codes = torch.empty(w.shape[0], m, dtype=torch.uint8)
-    for j in range(m):
-        index = faiss.IndexFlatL2(s)
-        index.add(np.ascontiguousarray(centroids[j].numpy()))
-        _, idx = index.search(np.ascontiguousarray(w[:, j * s : (j + 1) * s].numpy()), 1)
-        codes[:, j] = torch.from_numpy(idx[:, 0].astype(np.uint8))
+
+    def job(j: int) -> None:
+        books = _faiss_points(centroids[j])
+        index = faiss.IndexFlatL2(books.shape[1])
+        index.add(books)
+        _, idx = index.search(_faiss_points(w[:, j * s : (j + 1) * s]), 1)
+        codes[:, j] = torch.from_numpy(idx[:, 0]).to(torch.uint8)
+
+    _faiss_pool(job, m)
     return codes
 
 
