@@ -22,9 +22,16 @@ keeping per group the best squared error seen, so it never does worse than plain
 evaluated with its scale rounded to fp16 and its zero point an integer, exactly as stored. (The ``hqq`` package was
 not used: its zero points are floats, which ``GatherBlockQuantized`` cannot read, and its install runs a CUDA build.)
 
-Stored tensors for a tensor named ``W`` of shape (..., d), rows = the product of the leading dims, nb = d / G:
+Any d: a row is padded with zeros to D = nb * G columns, nb = ceil(d / G), and the padded table is what is stored
+(and counted by ``stored_bytes``); decoding returns the first d columns. The zeros cost the padded group no
+precision: its range [min(w, 0), max(w, 0)] always holds 0, so min/max gives it the scale and zero point of its real
+values alone, and 0 is exactly a code (z, or 2^(bits-1) for ``sym``), so the padded values decode to 0 with no error;
+``refine`` fits its least-squares steps on the real values only. Nothing beyond the record's shape and group size is
+needed to read such a table: D follows from d and G. Tables with G dividing d are stored exactly as before.
 
-* ``W``: uint8 codes, shape (rows, d * bits / 8). bits 8: one code a byte. bits 4: two codes a byte, the code of
+Stored tensors for a tensor named ``W`` of shape (..., d), rows = the product of the leading dims:
+
+* ``W``: uint8 codes, shape (rows, D * bits / 8). bits 8: one code a byte. bits 4: two codes a byte, the code of
   the even column in the low nibble. bits 2: four codes a byte, column 4k in bits 0-1, 4k+1 in bits 2-3 and so on.
   bits 3 (no onnxruntime kernel; our own layout): eight codes in three bytes, read as a little-endian 24-bit number
   whose bits 3i..3i+2 hold code i.
@@ -37,11 +44,12 @@ These are the layouts ``GatherBlockQuantized`` (uint8 data, ``bits`` attribute, 
 ``gather_axis`` 0) reads for 2, 4 and 8 bits. The ONNX lowering (``gather`` under ``torch.onnx.export(...,
 dynamo=False)``) emits that op on the stored codes, fp16 scales and zero points themselves, so the ONNX file and
 onnxruntime's memory hold the safetensors bytes unchanged; the op then returns float16 (a ``Cast`` to float32
-follows). Decoding is therefore defined, in torch too, as float16(float32(q - z) * float32(s)): the product rounded
-to float16 (relative 2^-11, far below a quantization step even at 8 bits), which makes torch and onnxruntime agree
-bit for bit. (Casting the scales to float32 instead would let the exporter fold the Cast into a float32 copy of the
-scales in the file.) A 3-bit table is refused by the ONNX lowering with one line (store 2 or 4 bits to export it).
-Constraints: G is a power of 2 and at least 16 (the op's rule) and must divide d.
+follows, then, for d < D, a ``Slice`` to the first d columns). Decoding is therefore defined, in torch too, as
+float16(float32(q - z) * float32(s)): the product rounded to float16 (relative 2^-11, far below a quantization step
+even at 8 bits), which makes torch and onnxruntime agree bit for bit. (Casting the scales to float32 instead would
+let the exporter fold the Cast into a float32 copy of the scales in the file.) A 3-bit table is refused by the ONNX
+lowering with one line (store 2 or 4 bits to export it). Constraint: G is a power of 2 and at least 16 (the op's
+rule).
 """
 
 from __future__ import annotations
@@ -74,9 +82,9 @@ _REFINE_ITERS = 20
 
 @dataclass(frozen=True)
 class LowBitConfig(Config):
-    """bits in {2, 3, 4, 8}; group_size G (a power of 2, >= 16, dividing d); scheme ``asym`` (fp16 scale and
-    integer zero point per group) or ``sym`` (fp16 scale, zero point fixed at 2^(bits-1)); refine: fit scales and
-    zero points to the table (data-free) instead of plain min/max."""
+    """bits in {2, 3, 4, 8}; group_size G (a power of 2, >= 16; rows are padded to a multiple of it); scheme
+    ``asym`` (fp16 scale and integer zero point per group) or ``sym`` (fp16 scale, zero point fixed at 2^(bits-1));
+    refine: fit scales and zero points to the table (data-free) instead of plain min/max."""
 
     bits: int = 4
     group_size: int = 32
@@ -101,15 +109,18 @@ class LowBitConfig(Config):
         return (1 << self.bits) - 1
 
     def groups(self, dim: int) -> int:
-        """Groups per row; refuses a group size that does not divide ``dim``."""
-        if dim < 1 or dim % self.group_size:
-            raise InputError(f"lowbit group size {self.group_size} does not divide the dimension {dim}; choose a "
-                             f"group size dividing it ({_group_hint(dim)})")
-        return dim // self.group_size
+        """Groups per row, ceil(dim / G) (the last one padded when G does not divide ``dim``)."""
+        if dim < 1:
+            raise InputError(f"lowbit needs a dimension of at least 1, got {dim!r}")
+        return -(-dim // self.group_size)
+
+    def width(self, dim: int) -> int:
+        """The stored (padded) row width D = groups * G."""
+        return self.groups(dim) * self.group_size
 
     def code_bytes(self, dim: int) -> int:
-        """Packed code bytes per row."""
-        return self.groups(dim) * self.group_size * self.bits // 8
+        """Packed code bytes per (padded) row."""
+        return self.width(dim) * self.bits // 8
 
     def zero_bytes(self, dim: int) -> int:
         """Packed zero-point bytes per row (0 for ``sym``)."""
@@ -125,14 +136,13 @@ class LowBitConfig(Config):
     def for_budget(cls, rows: int, dim: int, budget: int, **options: Any) -> LowBitConfig:
         """The most bits (8, 4, 3, 2), then the finest group (smallest G, the most accurate) whose stored bytes fit.
 
-        ``bits`` or ``group_size`` given in ``options`` are kept as given; ``scheme`` and ``refine`` pass through.
+        Groups are tried from 16 up to the first power of 2 holding a whole row: the ones dividing ``dim`` come first
+        (every power of 2 below a divisor divides too), then the padded ones, whose bytes need not grow with G (300
+        values: G = 64 pads to 320 in 5 groups, G = 128 to 384 in 3). ``bits`` or ``group_size`` given in
+        ``options`` are kept as given; ``scheme`` and ``refine`` pass through.
         """
         bits_options = (options.pop("bits"),) if "bits" in options else tuple(sorted(BITS, reverse=True))
-        group_options = ((options.pop("group_size"),) if "group_size" in options
-                         else tuple(g for g in _powers_of_two(dim) if dim % g == 0))
-        if not group_options:
-            raise BudgetError(f"lowbit needs a group size (a power of 2, >= {MIN_GROUP}) dividing the dimension "
-                              f"{dim}; none does")
+        group_options = (options.pop("group_size"),) if "group_size" in options else tuple(_powers_of_two(dim))
         smallest = None
         for bits in bits_options:
             for g in group_options:
@@ -146,16 +156,13 @@ class LowBitConfig(Config):
 
 
 def _powers_of_two(dim: int) -> list[int]:
-    out, g = [], MIN_GROUP
-    while g <= dim:
-        out.append(g)
+    """The group sizes worth trying for rows of ``dim`` values: powers of 2 from MIN_GROUP up to the first one
+    holding a whole row (a larger group pads more for the same single group)."""
+    out, g = [MIN_GROUP], MIN_GROUP
+    while g < dim:
         g *= 2
+        out.append(g)
     return out
-
-
-def _group_hint(dim: int) -> str:
-    fits = [str(g) for g in _powers_of_two(dim) if dim % g == 0]
-    return "e.g. " + ", ".join(fits) if fits else f"no power of 2 >= {MIN_GROUP} divides {dim}"
 
 
 # --- packing ---------------------------------------------------------------------------------------------------
@@ -280,9 +287,11 @@ def _sse(x: torch.Tensor, q: torch.Tensor, sf: torch.Tensor, z: torch.Tensor) ->
     return r.mul_(r).sum(dim=-1)
 
 
-def _refined(x: torch.Tensor, config: LowBitConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _refined(x: torch.Tensor, config: LowBitConfig,
+             real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Data-free fit of scales and zero points per group (clipped-range search, then alternating least squares),
-    keeping per group the best squared error; starts from (and never loses to) :func:`_plain`."""
+    keeping per group the best squared error; starts from (and never loses to) :func:`_plain`. ``real`` (nb, G),
+    1 for a real value and 0 for padding (which holds zeros), keeps the least-squares fits to the real values."""
     L = config.levels
     asym = config.scheme == "asym"
     q0, s16, z0 = _plain(x, config)
@@ -318,8 +327,13 @@ def _refined(x: torch.Tensor, config: LowBitConfig) -> tuple[torch.Tensor, torch
         q = _codes(x, best_s, best_z, L)
         if asym:
             # least squares of x ~ a q + c over each group, then the integer zero point z = -c / a, then the scale
-            qm, xm = q.mean(dim=-1), x.mean(dim=-1)
-            qc = q - qm.unsqueeze(-1)
+            if real is None:
+                qm, xm = q.mean(dim=-1), x.mean(dim=-1)
+                qc = q - qm.unsqueeze(-1)
+            else:
+                count = real.sum(dim=-1)
+                qm, xm = (q * real).sum(dim=-1) / count, x.sum(dim=-1) / count
+                qc = (q - qm.unsqueeze(-1)) * real
             var = (qc * qc).sum(dim=-1)
             a = (qc * x).sum(dim=-1) / torch.where(var > 0, var, torch.ones_like(var))
             ok = (var > 0) & (a > 0)
@@ -333,6 +347,20 @@ def _refined(x: torch.Tensor, config: LowBitConfig) -> tuple[torch.Tensor, torch
         consider(s, z)
     q = _codes(x, best_s, best_z, L)
     return q.to(torch.uint8), best_s.to(torch.float16), best_z.to(torch.uint8) if asym else None
+
+
+def _fit(x: torch.Tensor, config: LowBitConfig,
+         real: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The configured fit (:func:`_refined` or :func:`_plain`) of groups x (n, nb, G), padding marked by ``real``."""
+    return _refined(x, config, real) if config.refine else _plain(x, config)
+
+
+def _real_mask(dim: int, config: LowBitConfig) -> torch.Tensor | None:
+    """(nb, G) float32, 1 for the first ``dim`` values of a padded row and 0 after; None when nothing is padded."""
+    width = config.width(dim)
+    if width == dim:
+        return None
+    return (torch.arange(width) < dim).to(torch.float32).reshape(config.groups(dim), config.group_size)
 
 
 def _run_blocks(block: Any, starts: range) -> None:
@@ -362,21 +390,22 @@ def quantize_lowbit(w: torch.Tensor, config: LowBitConfig) -> dict[str, torch.Te
     if w.dim() < 1 or not w.is_floating_point():
         raise InputError(f"lowbit quantization needs a floating tensor, got {w.dtype} {tuple(w.shape)}")
     dim = w.shape[-1]
-    nb = config.groups(dim)
-    rows = w.numel() // dim if dim else 0
+    nb, width, G = config.groups(dim), config.width(dim), config.group_size
+    rows = w.numel() // dim
     flat = w.detach().reshape(rows, dim)
-    G = config.group_size
     codes = torch.empty(rows, config.code_bytes(dim), dtype=torch.uint8)
     scales = torch.empty(rows, nb, dtype=torch.float16)
     zeros = torch.empty(rows, config.zero_bytes(dim), dtype=torch.uint8) if config.scheme == "asym" else None
-    fit = _refined if config.refine else _plain
-    step = max(1, (_REFINE_BLOCK_ELEMS if config.refine else _BLOCK_ELEMS) // dim)
+    real = _real_mask(dim, config)
+    step = max(1, (_REFINE_BLOCK_ELEMS if config.refine else _BLOCK_ELEMS) // width)
 
     def block(i: int) -> None:
         x = flat[i : i + step].to("cpu", torch.float32)
         n = x.shape[0]
-        q, s16, z = fit(x.reshape(n, nb, G), config)
-        codes[i : i + n] = pack(q.reshape(n, dim), config.bits)
+        if width != dim:
+            x = torch.nn.functional.pad(x, (0, width - dim))
+        q, s16, z = _fit(x.reshape(n, nb, G), config, real)
+        codes[i : i + n] = pack(q.reshape(n, width), config.bits)
         scales[i : i + n] = s16
         if zeros is not None:
             zeros[i : i + n] = pack_padded(z, _zero_bits(config.bits))
@@ -400,42 +429,49 @@ def quantize_lowbit_gptq(w: torch.Tensor, config: LowBitConfig, hessian: torch.T
     added). ``act_order``: columns in decreasing order of E[x_i^2], the groups' scales and zero points fitted
     (min/max, or ``refine``) on ``w`` beforehand; else columns in order, each group fitted on its columns as updated
     when it is reached. The result has the very layout of the min/max storage, so every reader of ``lowbit`` tensors
-    reads it unchanged."""
+    reads it unchanged.
+
+    A width d that G does not divide is padded as :func:`quantize_lowbit` pads it: the padded columns are zero
+    weights with no input (a unit Hessian diagonal, no coupling), so they keep code z exactly, add no error to
+    propagate, and take no part in the damping's mean diagonal."""
     if w.dim() != 2 or not w.is_floating_point():
         raise InputError(f"GPTQ needs a floating matrix, got {w.dtype} {tuple(w.shape)}")
     n, dim = w.shape
-    nb, G, L = config.groups(dim), config.group_size, config.levels
+    nb, G, L, width = config.groups(dim), config.group_size, config.levels, config.width(dim)
     if tuple(hessian.shape) != (dim, dim):
         raise InputError(f"GPTQ needs a {dim} x {dim} Hessian, got {tuple(hessian.shape)}")
-    W = w.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float64).clone()
+    W = torch.zeros(n, width)
+    W[:, :dim] = w.detach().to(torch.float32)
+    H = torch.eye(width, dtype=torch.float64)
+    H[:dim, :dim] = hessian.detach().to(torch.float64)
     dead = H.diagonal() <= 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    fit = _refined if config.refine else _plain
+    real = _real_mask(dim, config)
     mid = float(1 << (config.bits - 1))
     scales = torch.empty(n, nb, dtype=torch.float16)
     zeros = torch.full((n, nb), int(mid), dtype=torch.uint8)
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(dim)
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(width)
     if act_order:
-        _, s16, z16 = fit(W.reshape(n, nb, G).contiguous(), config)
+        _, s16, z16 = _fit(W.reshape(n, nb, G).contiguous(), config, real)
         scales.copy_(s16)
         if z16 is not None:
             zeros.copy_(z16)
         W, H = W[:, perm].contiguous(), H[perm][:, perm]
-    H.diagonal().add_(damp * float(H.diagonal().mean()))
+    H.diagonal().add_(damp * float(H.diagonal()[perm < dim].mean()))
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
-    q_all = torch.empty(n, dim, dtype=torch.uint8)
+    q_all = torch.empty(n, width, dtype=torch.uint8)
     step = max(G, block // G * G)
-    for b0 in range(0, dim, step):
-        b1 = min(b0 + step, dim)
+    for b0 in range(0, width, step):
+        b1 = min(b0 + step, width)
         w1 = W[:, b0:b1]
         err = torch.zeros_like(w1)
         h1 = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = int(perm[b0 + i])
             if not act_order and col % G == 0:
-                _, s16, z16 = fit(w1[:, i : i + G].reshape(n, 1, G).contiguous(), config)
+                group_real = None if real is None else real[col // G : col // G + 1]
+                _, s16, z16 = _fit(w1[:, i : i + G].reshape(n, 1, G).contiguous(), config, group_real)
                 scales[:, col // G] = s16[:, 0]
                 if z16 is not None:
                     zeros[:, col // G] = z16[:, 0]
@@ -458,17 +494,17 @@ def dequantize_lowbit(stored: Mapping[str, torch.Tensor], config: LowBitConfig,
                       shape: tuple[int, ...]) -> torch.Tensor:
     """float32 values of any rows of the stored tensors (the rows they hold), reshaped to ``shape``: (q - z) * s per
     group computed in float32 and rounded to float16, exactly as ``GatherBlockQuantized`` computes it from fp16
-    scales."""
+    scales; of a padded row, its first ``shape[-1]`` values."""
     codes, scales = stored[""], stored[SCALE_SUFFIX]
     dim = shape[-1] if shape else 0
-    nb = config.groups(dim)
+    nb, width = config.groups(dim), config.width(dim)
     rows = codes.shape[0] if codes.dim() else 0
     tracing = torch.jit.is_tracing()  # shapes are traced values then: checked at export's start instead
     if not tracing and (codes.dtype != torch.uint8 or tuple(codes.shape) != (rows, config.code_bytes(dim))
                         or tuple(scales.shape) != (rows, nb)):
         raise CheckpointError(f"lowbit tensors of shapes {tuple(codes.shape)} and {tuple(scales.shape)} do not "
                               f"fit {config.bits}-bit groups of {config.group_size} over {dim} values")
-    q = unpack(codes, config.bits, dim).to(torch.float32).reshape(rows, nb, config.group_size)
+    q = unpack(codes, config.bits, width).to(torch.float32).reshape(rows, nb, config.group_size)
     if config.scheme == "asym":
         zp = stored.get(ZERO_SUFFIX)
         if zp is None or (not tracing and tuple(zp.shape) != (rows, config.zero_bytes(dim))):
@@ -476,7 +512,9 @@ def dequantize_lowbit(stored: Mapping[str, torch.Tensor], config: LowBitConfig,
         z = unpack(zp, _zero_bits(config.bits), nb).to(torch.float32)
     else:
         z = torch.full((rows, nb), float(1 << (config.bits - 1)))
-    w = q.sub_(z.unsqueeze(-1)).mul_(scales.to(torch.float32).unsqueeze(-1))
+    w = q.sub_(z.unsqueeze(-1)).mul_(scales.to(torch.float32).unsqueeze(-1)).reshape(rows, width)
+    if width != dim:
+        w = w[:, :dim]
     return w.to(torch.float16).to(torch.float32).reshape(shape)
 
 
@@ -498,13 +536,19 @@ class _GatherBlockQuantized(torch.autograd.Function):
     def symbolic(g: Any, codes: Any, ids: Any, scales: Any, zeros: Any, bits: int, group_size: int, scheme: str,
                  dim: int) -> Any:
         inputs = [codes, ids, scales] + ([zeros] if scheme == "asym" else [])
+        width = LowBitConfig(bits=bits, group_size=group_size, scheme=scheme).width(dim)
         half = g.op("com.microsoft::GatherBlockQuantized", *inputs, bits_i=bits, block_size_i=group_size,
                     gather_axis_i=0, quantize_axis_i=1)
-        out = g.op("Cast", half, to_i=1)  # TensorProto.FLOAT
+        wide = g.op("Cast", half, to_i=1)  # TensorProto.FLOAT
+        out = wide
+        if width != dim:  # the padded columns dropped: a Slice of the last axis to its first dim values
+            starts, ends, axes = (g.op("Constant", value_t=torch.tensor([v], dtype=torch.int64)) for v in (0, dim, -1))
+            out = g.op("Slice", wide, starts, ends, axes)
         ids_type = ids.type()
         sizes = ids_type.varyingSizes() if hasattr(ids_type, "varyingSizes") else None
         if sizes is not None:
-            half.setType(ids_type.with_dtype(torch.float16).with_sizes([*sizes, dim]))
+            half.setType(ids_type.with_dtype(torch.float16).with_sizes([*sizes, width]))
+            wide.setType(ids_type.with_dtype(torch.float32).with_sizes([*sizes, width]))
             out.setType(ids_type.with_dtype(torch.float32).with_sizes([*sizes, dim]))
         return out
 

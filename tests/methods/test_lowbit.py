@@ -128,12 +128,10 @@ def test_bad_options_refused(options: dict, message: str) -> None:
         lb.LowBitConfig.from_dict(options)
 
 
-def test_group_must_divide_dim() -> None:
-    with pytest.raises(InputError, match="group size 32 does not divide the dimension 50") as e:
-        lb.quantize_lowbit(torch.randn(3, 50), lb.LowBitConfig(group_size=32))
+def test_bad_tensors_refused() -> None:
+    with pytest.raises(InputError, match="dimension of at least 1, got 0") as e:
+        lb.quantize_lowbit(torch.randn(3, 0), lb.LowBitConfig(group_size=32))
     assert "\n" not in str(e.value)
-    with pytest.raises(InputError, match="does not divide"):
-        lb.LowBitConfig(group_size=64).stored_bytes(10, 96)
     with pytest.raises(InputError, match="NaN or Inf"):
         lb.quantize_lowbit(torch.tensor([[float("nan")] * 16]), lb.LowBitConfig(group_size=16))
     with pytest.raises(InputError, match="floating"):
@@ -168,8 +166,8 @@ def test_for_budget() -> None:
     fixed = lb.LowBitConfig.for_budget(rows, dim, 10**9, bits=2, scheme="sym")
     assert fixed == lb.LowBitConfig(2, 16, "sym")
     assert lb.LowBitConfig.for_budget(rows, dim, 10**9, group_size=32).group_size == 32
-    with pytest.raises(BudgetError):
-        lb.LowBitConfig.for_budget(rows, 50, 10**9)
+    # no power of 2 >= 16 divides 50: the rows are padded (see test_lowbit_padded.py)
+    assert lb.LowBitConfig.for_budget(rows, 50, 10**9) == lb.LowBitConfig(8, 16)
 
 
 def _relative_errors(w: torch.Tensor, bits: int, group_size: int) -> tuple[float, float]:
@@ -211,20 +209,24 @@ def _export(table: torch.nn.Module, ids: torch.Tensor, opset: int) -> bytes:
     return f.getvalue()
 
 
-@pytest.mark.parametrize("bits, scheme, opset", [(2, "asym", 17), (4, "asym", 18), (8, "asym", 20), (2, "sym", 17),
-                                                 (4, "sym", 19)])
-def test_onnx_parity(bits: int, scheme: str, opset: int) -> None:
+@pytest.mark.parametrize("dim, bits, scheme, opset", [
+    (96, 2, "asym", 17), (96, 4, "asym", 18), (96, 8, "asym", 20), (96, 2, "sym", 17), (96, 4, "sym", 19),
+    # no group of 32 divides 50 or 300: rows padded to 64 and 320, then a Slice to d columns after the Cast
+    (50, 2, "asym", 17), (50, 4, "sym", 18), (300, 2, "asym", 17), (300, 4, "asym", 20), (300, 8, "sym", 19),
+])
+def test_onnx_parity(dim: int, bits: int, scheme: str, opset: int) -> None:
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
 
-    rows, dim = 257, 96
+    rows = 257
     config = lb.LowBitConfig(bits=bits, group_size=32, scheme=scheme)
-    stored = lb.quantize_lowbit(_table(rows, dim, seed=bits), config)
+    stored = lb.quantize_lowbit(_table(rows, dim, seed=bits + dim), config)
     table = StoredTable(get("lowbit"), config, stored, rows, dim)
     data = _export(table, torch.zeros(2, 3, dtype=torch.long), opset)
     model = onnx.load_from_string(data)
-    assert [n.op_type for n in model.graph.node] == ["GatherBlockQuantized", "Cast"]
+    ops = [n.op_type for n in model.graph.node if n.op_type != "Constant"]
+    assert ops == ["GatherBlockQuantized", "Cast"] + (["Slice"] if dim % 32 else [])
     # the file holds the stored bytes themselves
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     assert sorted(inits) == sorted(f"weight{k}" for k in stored)
@@ -246,24 +248,32 @@ def test_onnx_three_bits_refused() -> None:
         _export(table, torch.zeros(1, 2, dtype=torch.long), 17)
 
 
+@pytest.mark.parametrize("dim", [128, 50])
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("scheme", ["asym", "sym"])
-def test_gptq_keeps_the_product_better_than_rounding_in_the_same_layout(scheme: str, act_order: bool) -> None:
+def test_gptq_keeps_the_product_better_than_rounding_in_the_same_layout(scheme: str, act_order: bool,
+                                                                        dim: int) -> None:
     """GPTQ's codes give a smaller output error (w - w_q) @ x than nearest rounding on inputs with large and
-    correlated channels, in tensors of the very shapes and dtypes quantize_lowbit stores."""
+    correlated channels, in tensors of the very shapes and dtypes quantize_lowbit stores (for 50 columns, padded to
+    64 as quantize_lowbit pads them, the padding at the zero point)."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(48, 128, generator=g)
-    mix = torch.randn(128, 128, generator=g) / 8 + torch.eye(128)
-    x = (torch.randn(2000, 128, generator=g) @ mix) * (1 + 9 * (torch.rand(128, generator=g) > 0.9))
+    w = torch.randn(48, dim, generator=g)
+    mix = torch.randn(dim, dim, generator=g) / 8 + torch.eye(dim)
+    x = (torch.randn(2000, dim, generator=g) @ mix) * (1 + 9 * (torch.rand(dim, generator=g) > 0.9))
     hessian = (x.T.double() @ x.double()) / x.shape[0]
     config = lb.LowBitConfig(bits=4, group_size=32, scheme=scheme)
     plain = lb.quantize_lowbit(w, config)
     gptq = lb.quantize_lowbit_gptq(w, config, hessian, act_order=act_order)
     assert {k: (v.shape, v.dtype) for k, v in gptq.items()} == {k: (v.shape, v.dtype) for k, v in plain.items()}
+    width, nb = config.width(dim), config.groups(dim)
+    pad = lb.unpack(gptq[""], 4, width)[:, dim:]
+    z = lb.unpack(gptq["_zero"], 4, nb)[:, -1:] if scheme == "asym" else torch.full((48, 1), 8, dtype=torch.uint8)
+    assert pad.shape[1] == width - dim and torch.equal(pad, z.expand_as(pad))
 
     def out_error(stored: dict[str, torch.Tensor]) -> float:
         return float(((w - lb.dequantize_lowbit(stored, config, tuple(w.shape))) @ x.T).norm())
 
-    assert out_error(gptq) < 0.8 * out_error(plain)
-    with pytest.raises(InputError, match="128 x 128 Hessian"):
-        lb.quantize_lowbit_gptq(w, config, hessian[:64, :64])
+    bar = 0.8 if dim == 128 else 0.85  # 50 columns: fewer left to take each rounding error
+    assert out_error(gptq) < bar * out_error(plain)
+    with pytest.raises(InputError, match=f"{dim} x {dim} Hessian"):
+        lb.quantize_lowbit_gptq(w, config, hessian[:16, :16])
