@@ -9,7 +9,8 @@ from ._version import __version__
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import EmbcompressError
-from .export import ExportReport, export_onnx
+from .export import ExportReport
+from .ops.export import export_onnx
 from .factorize import FactorizeResult, factorize, load_factorized
 from .modules import FactorizedEmbedding, GroupedFactorizedEmbedding, TiedFactorizedLinear, compress_embeddings
 from .quant import QuantizeResult, dequantize_state, quantize, quantize_state

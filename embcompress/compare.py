@@ -28,12 +28,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import hf, sweep
+from . import families, sweep
 from .checkpoint import atomic_path, check_finite_tensors, check_output, load_checkpoint, save_text
 from .classifier import load_classifier
 from .data import collate, read_jsonl
 from .errors import InputError
-from .export import export_onnx, measure_latency
+from .export import measure_latency
+from .ops.export import export_onnx
 from .factorize import factorize
 from .quant import quantize
 from .rank import rank_for_reduction
@@ -304,7 +305,7 @@ def compare_model(
     src = Path(model_path)
     out = Path(output) if output is not None else default_output(src)
     check_output(out, [src, Path(data)] + [Path(p) for p in (train, dev) if p is not None], force=force)
-    protocol = not hf.is_hf_folder(src) and (train is not None or baselines is not None)
+    protocol = families.detect(src).protocol and (train is not None or baselines is not None)
     if protocol:
         baselines = parse_baselines(baselines)
         reductions = parse_reductions(reductions)

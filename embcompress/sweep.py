@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import core, hf
+from . import core, families, hf
+from .families import CLASSIFIER, ENCODER
 from ._version import __version__
 from .checkpoint import check_finite_tensors, load_checkpoint, save_safetensors, temporary_folder
 from .classifier import Classifier, load_classifier, save_classifier
@@ -51,8 +52,6 @@ from .train.run import FINETUNE_DEFAULTS
 from .weighting import load_counts
 from .workspace import sha256_of
 
-ENCODER = "encoder"
-CLASSIFIER = "classifier"
 UNCOMPRESSED = "uncompressed"
 DEFAULT_BUDGETS = (0.25, 0.1, 0.05, 0.03)
 CACHE_NAME = ".embcompress-cache"
@@ -358,7 +357,7 @@ class _Encoder(_Family):
         return f"{steps} steps of label-free distillation (layer phase, {RECOVERY['layers']} block)"
 
     def latency(self, model: nn.Module, work: Path, threads: int | None) -> dict[int, float | None]:
-        from .export import export_onnx
+        from .ops.export import export_onnx
 
         folder = work / "model"
         hf.save(model, folder, like=self.src, force=True)
@@ -403,7 +402,7 @@ class _Classifier(_Family):
         return f"{config.epochs} epochs of fine-tuning ({steps} steps asked, {per_epoch} a pass)"
 
     def latency(self, model: nn.Module, work: Path, threads: int | None) -> dict[int, float | None]:
-        from .export import export_onnx
+        from .ops.export import export_onnx
 
         path = work / "model.safetensors"
         save_classifier(Classifier(model, self.clf.vocab, self.clf.labels, self.clf.train), path, force=True)
@@ -472,7 +471,11 @@ def sweep(
     for b in budget_list:  # the form now; the size against the model's tables once it is loaded
         parse_budget(b, 1 << 62)
     family: _Encoder | _Classifier
-    if hf.is_hf_folder(src):
+    measures = families.detect(src).measures  # what compare measures on this model family
+    if measures is None:
+        raise InputError(f"{src}: not an embcompress classifier nor a Hugging Face folder; compare needs a model it "
+                         "can run")
+    if measures == ENCODER:
         texts = read_texts(data, limit=limit, seed=seed)
         recovery_texts = hf.read_texts(train) if train is not None else None
         family = _Encoder(src, texts, cache_dir=Path(cache_dir) if cache_dir else None, recovery_texts=recovery_texts,

@@ -21,13 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import hf
-from .errors import CheckpointError, DataError, DependencyError, InputError
+from . import families, hf
+from .errors import DataError, InputError
 
 DEFAULT_SMOOTHING = 1.0
-# files a Hugging Face folder keeps its tokenizer in (transformers builds an empty tokenizer without them)
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -136,49 +133,16 @@ def count_ids(ids: Sequence[Sequence[int]] | np.ndarray, rows: int, source: str)
 
 def count_corpus(model: str | os.PathLike[str], corpus: str | os.PathLike[str], rows: int) -> Counts:
     """Count the tokens of a corpus (``.txt`` one text a line, or ``.jsonl`` with ``text``) with the model's own
-    tokenizer: an embcompress classifier's vocabulary, or a Hugging Face folder's tokenizer."""
-    from .classifier import MODEL_META_KEY, load_classifier
-    from .checkpoint import load_checkpoint
-    from .data import tokenize
-
-    texts = hf.read_texts(corpus)
+    tokenizer (its family's: an embcompress classifier's vocabulary, a Hugging Face folder's tokenizer)."""
     src = Path(model)
-    if hf.is_hf_folder(src):
-        if not any((src / f).is_file() for f in TOKENIZER_FILES):
-            raise InputError(f"{src}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to count --corpus with; give "
-                             "--counts")
-        tokenizer = hf.load_tokenizer(src)
-        ids = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        return count_ids(ids, rows, str(corpus))
-    with load_checkpoint(src) as ckpt:
-        is_classifier = MODEL_META_KEY in ckpt.metadata
-    if not is_classifier:
-        raise InputError(f"{src}: --corpus needs the model's tokenizer: an embcompress classifier or a Hugging Face "
-                         "folder with its tokenizer; give --counts for other checkpoints")
-    vocab = load_classifier(src).vocab
-    return count_ids([vocab.encode(tokenize(t)) for t in texts], rows, str(corpus))
+    return count_ids(families.detect(src).token_ids(src, hf.read_texts(corpus)), rows, str(corpus))
 
 
 def vocabulary_of(model: str | os.PathLike[str]) -> list[str] | None:
     """The tokens of a model in id order, where the checkpoint carries them (embcompress classifiers, HF folders
     with a tokenizer); None otherwise."""
-    from .classifier import MODEL_META_KEY, load_classifier
-    from .checkpoint import load_checkpoint
-
     src = Path(model)
-    if hf.is_hf_folder(src):
-        try:
-            vocab = hf.load_tokenizer(src).get_vocab()
-        except (CheckpointError, DependencyError):  # no tokenizer, or no transformers: keys must be row ids
-            return None
-        tokens = [""] * (max(vocab.values()) + 1)
-        for t, i in vocab.items():
-            tokens[i] = t
-        return tokens
-    with load_checkpoint(src) as ckpt:
-        if MODEL_META_KEY not in ckpt.metadata:
-            return None
-    return load_classifier(src).vocab.tokens
+    return families.detect(src).vocabulary(src)
 
 
 def load_counts(model: str | os.PathLike[str], tables: list[str] | None, counts: str | os.PathLike[str] | None,

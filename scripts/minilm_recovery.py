@@ -9,7 +9,7 @@ counted on each run's recovery texts), then recover it without labels
   (mean, worst, 5th percentile), before and after recovery;
 * SST-2 linear-probe accuracy: logistic regression on the frozen, L2-normalised sentence embeddings, trained on
   SST-2 train and scored on SST-2 test (the L2 penalty picked on SST-2 dev), against the original's;
-* ONNX (``embcompress.export.export_onnx``) file size and latency of one sentence on one thread, float32 and int8;
+* ONNX (``embcompress.export_onnx``) file size and latency of one sentence on one thread, float32 and int8;
 * how the cosine grows with recovery steps (evaluated on 400 SST-2 dev sentences every ``--eval-every`` steps) and
   with the amount of text (``--sizes``), for two recovery sets: the SST-2 training sentences without their labels
   (in-domain) and the project's shipped ``examples/texts/stdlib.txt`` (Python's docstrings, out-of-domain).
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embcompress import distill, hf, load_checkpoint  # noqa: E402
-from embcompress.export import export_onnx  # noqa: E402
+from embcompress import export_onnx  # noqa: E402
 from embcompress.factorize import factorize  # noqa: E402
 from embcompress.quant import quantize  # noqa: E402
 from embcompress.weighting import count_corpus  # noqa: E402

@@ -109,7 +109,7 @@ def test_factorize_groupreduce_writes_blocks_that_load_back(classifier, tmp_path
 @pytest.mark.parametrize("arch", ["dan", "lstm"])
 def test_groupreduce_classifier_finetunes_quantizes_and_exports(tmp_path: Path, arch: str) -> None:
     pytest.importorskip("onnxruntime")
-    from embcompress.export import export_onnx
+    from embcompress import export_onnx
     from embcompress.quant import quantize
     from embcompress.train.run import finetune_classifier
 

@@ -253,7 +253,7 @@ def test_quantized_folder_loads(folders: dict[str, Path], tmp_path: Path) -> Non
 
 def test_onnx_export_parity(folders: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from embcompress.export import export_onnx
+    from embcompress import export_onnx
 
     report = export_onnx(folders["bert-r50"], tmp_path / "m.onnx", texts=TEXTS)
     assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
@@ -317,7 +317,7 @@ def test_onnx_export_of_a_lowbit_table(lowbit: dict[int, Path], tmp_path: Path, 
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from embcompress.export import export_onnx
+    from embcompress import export_onnx
 
     report = export_onnx(lowbit[bits], tmp_path / "m.onnx", texts=TEXTS, threads=1, latency=False)
     assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
@@ -333,7 +333,8 @@ def test_onnx_weight_only_quantization(folders: dict[str, Path], lowbit: dict[in
     """Weight-only: MatMulNBits (int4) or DequantizeLinear (int8) before float products, never a dynamic
     quantization of the activations; a lowbit table keeps its GatherBlockQuantized."""
     pytest.importorskip("onnxruntime")
-    from embcompress.export import MIN_COSINE, export_onnx
+    from embcompress import export_onnx
+    from embcompress.export import MIN_COSINE
 
     dense = export_onnx(folders["bert"], tmp_path / "d.onnx", texts=TEXTS, quantize=quantize, threads=1)
     ops = _ops(tmp_path / "d.onnx")
@@ -454,7 +455,7 @@ def test_groupreduce_folder_distils_and_exports(folders: dict[str, Path], groupe
     after = list(student.get_input_embeddings().weight_a)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the block factors train
     pytest.importorskip("onnxruntime")
-    from embcompress.export import export_onnx
+    from embcompress import export_onnx
 
     report = export_onnx(grouped["bert"], tmp_path / "g.onnx", texts=TEXTS)
     assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
@@ -469,7 +470,7 @@ def test_int4_codes_are_gptq_on_calibration_texts(folders: dict[str, Path], tmp_
     """int4 on an encoder: GPTQ on calibration inputs (random vocabulary texts when --data has none beyond the
     parity texts) ends nearer to torch than nearest rounding in the same bytes."""
     pytest.importorskip("onnxruntime")
-    from embcompress.export import export_onnx
+    from embcompress import export_onnx
     from embcompress.export.transformers import EncoderFamily
 
     gptq = export_onnx(folders["bert"], tmp_path / "g.onnx", texts=TEXTS, quantize="int4", threads=1, latency=False)

@@ -223,11 +223,8 @@ def finetune_labels(model: Path, data: Path, dev: Path | None, output: Path | No
                       f"{report.device}, {report.seconds:.0f} s")
 
 
-def evaluate_labels(model: Path, data: Path, *, batch_size: int, device: str, json: bool) -> None:
-    """``embcompress evaluate HF_CLASSIFIER --data test.jsonl``: accuracy."""
-    from ..distill import evaluate_labelled
-
-    result = evaluate_labelled(model, data, batch_size=batch_size, device=device)
+def show_labels(model: Path, data: Path, result: dict, *, batch_size: int, json: bool) -> None:
+    """``embcompress evaluate HF_CLASSIFIER --data test.jsonl``: record and print the accuracy."""
     workspace.record("evaluate", options={"batch_size": batch_size}, inputs=[("model", model), ("test", data)],
                      outputs=[], figures={"accuracy": result["accuracy"]})
     if json:

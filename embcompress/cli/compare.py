@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .. import hf, workspace
+from .. import families, workspace
 from ..checkpoint import atomic_path, check_output, save_text
 from ..compare import compare_model, default_output, parse_baselines, parse_reductions
 from ..errors import InputError, Interrupted
@@ -82,9 +82,8 @@ def compare(
     if model is None:
         model, _ = workspace.take(None, "model", what="model", commands=("factorize",), side="inputs")
         taken.append(f"model {model}")
-    encoder = hf.is_hf_folder(model)
     reuse = {}
-    if not encoder:
+    if Path(model).exists() and families.detect(model).protocol:  # the paper's protocol: reuse the workspace's runs
         if train is None and (train := workspace.last_artifact("train", side="inputs")) is not None:
             taken.append(f"--train {train}")
         if dev is None and (dev := workspace.last_artifact("dev", side="inputs")) is not None:
@@ -142,7 +141,7 @@ def compare(
 
 
 def _render(result: SweepResult, out: Path, latency: bool) -> None:
-    enc = result.family == "encoder"
+    enc = result.family == families.ENCODER
     rows = []
     for r in result.front():
         lat = r.latency_ms.get(1)

@@ -9,10 +9,9 @@ from typing import Annotated
 
 import typer
 
-from .. import workspace
+from .. import families, workspace
 from ..errors import InputError
-from ..hf import is_hf_folder
-from ..train.run import evaluate_classifier
+from ..train.run import EvalReport
 from ._options import DeviceOpt, JsonOpt
 from ._render import console, err_console, pct, print_json, table
 
@@ -72,12 +71,12 @@ def evaluate(
         return
     if coverage_of is not None:
         raise InputError("--coverage-of needs --similarity-to ORIGINAL")
-    if is_hf_folder(model):  # a Hugging Face sequence classifier (finetune HF_FOLDER --data labelled.jsonl)
-        from ._hf import evaluate_labels
+    report = families.detect(model).evaluate_labels(model, data, batch_size=batch_size, device=device)
+    if not isinstance(report, EvalReport):  # a Hugging Face sequence classifier (finetune HF_FOLDER --data ...)
+        from ._hf import show_labels
 
-        evaluate_labels(model, data, batch_size=min(batch_size, 64), device=device, json=json)
+        show_labels(model, data, report, batch_size=batch_size, json=json)
         return
-    report = evaluate_classifier(model, data, device=device, batch_size=batch_size)
     workspace.record("evaluate", options={"batch_size": batch_size}, inputs=[("model", model), ("test", data)],
                      outputs=[], figures={"accuracy": report.result.accuracy, "macro_f1": report.result.macro_f1})
     if json:

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from .. import workspace
-from ..export import LATENCY_REPEATS, ExportReport, OnnxExport, export_onnx
+from ..export import LATENCY_REPEATS, ExportReport, OnnxExport
+from ..ops.export import export_onnx
 from ._options import JsonOpt
 from ._progress import spinner
 from ._render import console, err_console, human_bytes, pct, print_json, table

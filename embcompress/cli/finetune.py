@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .. import workspace
+from .. import families, workspace
 from ..checkpoint import default_output
-from ..hf import is_hf_folder
 from ..train.loop import TrainConfig
 from ..train.run import FINETUNE_DEFAULTS, finetune_classifier
 from ._options import (
@@ -112,7 +111,8 @@ def finetune(
                          batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, device=device, force=force,
                          json=json, schedule=schedule, resume=resume)
         return
-    if model is not None and data is not None and is_hf_folder(model):  # labelled: a sequence-classification head
+    if model is not None and data is not None and families.detect(model).measures == families.ENCODER:
+        # an encoder learns labels through a new sequence-classification head
         from ._hf import finetune_labels
 
         finetune_labels(model, data, dev, output, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
