@@ -433,10 +433,13 @@ def compress_(model: nn.Module, spec: Spec | str, tables: list[str] | None = Non
 
 def compress_state(tensors: dict[str, torch.Tensor], spec: Spec, names: list[str], *,
                    counts: Mapping[str, torch.Tensor] | None = None, tied: Mapping[str, list[str]] | None = None,
-                   device: str = "cpu", padding: Mapping[str, int | None] | None = None
+                   device: str = "cpu", padding: Mapping[str, int | None] | None = None,
+                   encoded: Mapping[str, Table] | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Compress the named tables of a state dict: each ``<module>.weight`` becomes its method's tensors under
-    ``<module>.``; tied copies are dropped. Returns the new tensors and the record entries by table name."""
+    ``<module>.``; tied copies are dropped. A table in ``encoded`` (by name: one ``spec`` already encoded, as
+    ``compress --method auto`` measured it) is written as it is. Returns the new tensors and the record entries by
+    table name."""
     out = dict(tensors)
     entries = {}
     for name in names:
@@ -444,7 +447,12 @@ def compress_state(tensors: dict[str, torch.Tensor], spec: Spec, names: list[str
         for alias in (tied or {}).get(name, []):
             out.pop(alias, None)
         context = Context(counts=(counts or {}).get(name), padding_idx=(padding or {}).get(name), device=device)
-        table = encode_table(W, spec, context)
+        table = (encoded or {}).get(name)
+        if table is None:
+            table = encode_table(W, spec, context)
+        elif (table.num_embeddings, table.embedding_dim) != tuple(W.shape):
+            raise InputError(f"{name}: the encoded table is {table.num_embeddings} x {table.embedding_dim}, the "
+                             f"checkpoint's {W.shape[0]} x {W.shape[1]}")
         prefix = name.removesuffix(".weight")
         for k, v in table_tensors(table).items():
             out[f"{prefix}.{k}"] = v

@@ -13,13 +13,17 @@ excluded), computed from the tensors the file would hold, without writing. Recov
 label-free distillation toward the original (:mod:`embcompress.distill`) for encoders, fine-tuning on ``train``
 for classifiers; tables kept in a storage are sent through it again afterwards, so the scored model is what a file
 would hold. The original's sentence embeddings are cached in ``cache_dir`` under the hash of the model's files,
-the texts' file and the settings, so ``compare`` and ``auto`` embed the original once.
+the texts' file and the settings, so ``compare`` and ``auto`` embed the original once; each measured row is
+cached there too (:class:`RowCache`: its encoded tables and its figures, keyed by the model, the texts, the token
+counts, the method's resolved configuration, the budget and the tool), so ``compress --method auto`` after
+``compare`` neither encodes nor measures again, and writes the chosen row's tables as they were measured.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -86,6 +90,8 @@ class Row:
     note: str = ""
     seconds: float = 0.0
     budget_bytes: int | None = None  # the budget the row was sized to
+    cached: bool = False  # read from the cache (not encoded nor measured by this run)
+    cache_key: str | None = None  # its entry in the cache (RowCache), when there is one
 
     @property
     def size_bytes(self) -> int:
@@ -93,7 +99,9 @@ class Row:
         return self.file_bytes or 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "latency_ms": {str(k): v for k, v in self.latency_ms.items()}}
+        out = {**asdict(self), "latency_ms": {str(k): v for k, v in self.latency_ms.items()}}
+        out.pop("cache_key")
+        return out
 
 
 @dataclass
@@ -108,6 +116,7 @@ class SweepResult:
     rows: list[Row]
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    cache: RowCache | None = field(default=None, repr=False)  # where the rows' tables can be read back
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "data": self.data, "family": self.family, "quality": self.quality,
@@ -264,20 +273,28 @@ class _Family:
     model: nn.Module
 
     src: Path
+    tensor_names: dict[str, str]  # a table's module name in the model -> its tensor's name in the file
 
     def tables(self) -> list[tuple[str, int, int]]:
         """The tables ``compress`` picks in the file (``tables.find_embeddings``), by module name in the model."""
         with load_checkpoint(self.src) as ckpt:
-            found = [t.name.removesuffix(".weight") for t in find_embeddings(ckpt)]
+            found = [t.name for t in find_embeddings(ckpt)]
         modules = {n for n, m in self.model.named_modules() if isinstance(m, nn.Embedding)}
         out = []
-        for name in found:
+        self.tensor_names = {}
+        for tensor in found:
+            name = tensor.removesuffix(".weight")
             module = name if name in modules else name.partition(".")[2]  # a base model drops the head's prefix
             if module not in modules:
                 raise InputError(f"{self.src}: the table {name!r} is not an nn.Embedding of the loaded model")
             V, d = self.model.get_submodule(module).weight.shape
             out.append((module, int(V), int(d)))
+            self.tensor_names[module] = tensor
         return out
+
+    def data_key(self) -> str:
+        """What every row's figures depend on besides the method: the model's files, the scored texts, settings."""
+        raise NotImplementedError
 
     def fresh(self) -> nn.Module:
         return copy.deepcopy(self.model)
@@ -305,6 +322,7 @@ class _Encoder(_Family):
         self.tokenizer = hf.load_tokenizer(src)
         self.cache_dir = cache_dir
         self.cache_hit = False
+        self._data_key: str | None = None
         self.reference: torch.Tensor | None = None
         self.reference_probe: float | None = None
 
@@ -313,8 +331,13 @@ class _Encoder(_Family):
         if self.texts.labels is not None:
             self.reference_probe = probe_accuracy(self.reference, self.texts.labels, seed=self.seed)
 
+    def data_key(self) -> str:
+        if self._data_key is None:
+            self._data_key = embedding_key(self.src, self.texts, self.max_length)
+        return self._data_key
+
     def _reference(self) -> torch.Tensor:
-        key = embedding_key(self.src, self.texts, self.max_length)
+        key = self.data_key()
         path = self.cache_dir / f"{key}.safetensors" if self.cache_dir is not None else None
         if path is not None and path.is_file():
             try:
@@ -385,6 +408,9 @@ class _Classifier(_Family):
     def prepare(self) -> None:
         pass
 
+    def data_key(self) -> str:
+        return hashlib.sha256((sha256_of(self.src) + sha256_of(self.data)).encode()).hexdigest()[:32]
+
     def score(self, model: nn.Module, row: Row) -> None:
         acc = evaluate(model, self.test, "cpu").accuracy
         row.accuracy = row.quality = acc
@@ -436,6 +462,160 @@ def _options(tables: Iterable[Table]) -> dict[str, Any]:
                 if v is not None and k not in ("force", "seed", "algorithm")}
         out.update(opts)
     return out
+
+
+ROWS_FOLDER = "rows"  # in the cache folder: one safetensors file a measured row
+ROW_META = "embcompress.row"
+# what a measured row keeps of its figures (the rest is this run's: front, recovery, latency, time)
+_ROW_FIGURES = ("table_bytes", "file_bytes", "quality", "quality_stderr", "fits", "cosine", "probe", "accuracy",
+                "options", "note")
+_DAMAGED = (EmbcompressError, OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError)
+
+
+@functools.lru_cache(maxsize=1)
+def tool_key() -> str:
+    """The tool a row was measured with: its version, torch's, and a hash of the package's source files (a
+    development checkout changes its code without changing its version)."""
+    h = hashlib.sha256(f"{__version__} torch {torch.__version__}".encode())
+    package = Path(__file__).resolve().parent
+    for f in sorted(package.rglob("*.py")):
+        h.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def _counts_key(counts: torch.Tensor | None) -> str | None:
+    if counts is None:
+        return None
+    return hashlib.sha256(counts.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:32]
+
+
+class RowCache:
+    """The measured rows of a sweep, kept in ``folder/rows`` between runs: each row's encoded tables (their file
+    form: ``core.table_tensors`` under the module's name, ``core.table_entry`` in the metadata) and its figures,
+    keyed by what they depend on (:meth:`key`: ``base``, what every row of the sweep shares, and the row's own).
+    An entry that cannot be read is measured again and replaced; every write is atomic. ``read``, ``written`` and
+    ``damaged`` count this run's entries. Without a folder it keeps nothing (every key is None)."""
+
+    def __init__(self, folder: Path | None, base: dict[str, Any] | None,
+                 say: Callable[[str], None] = lambda _m: None) -> None:
+        self.folder = Path(folder) / ROWS_FOLDER if folder is not None else None
+        self.base, self.say = base or {}, say
+        self.read = self.written = self.damaged = 0
+
+    def key(self, method: str, specs: list[core.Spec], budget_bytes: int | None, counts: str | None) -> str | None:
+        """The entry of ``method`` sized to ``specs`` (one a table) within ``budget_bytes``, on these token counts
+        (None for a method that does not read them), for this sweep's model, texts, settings and tool."""
+        if self.folder is None:
+            return None
+        what = {**self.base, "method": method, "specs": [spec.to_dict() for spec in specs],
+                "budget_bytes": budget_bytes, "counts": counts}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+    def path(self, key: str) -> Path:
+        """The entry's file."""
+        assert self.folder is not None
+        return self.folder / f"{key}.safetensors"
+
+    def _open(self, key: str) -> tuple[dict[str, Any], dict[str, Table]]:
+        """The entry's record and its tables rebuilt by module name; an ``EmbcompressError`` (or another of
+        ``_DAMAGED``) when it is damaged."""
+        with load_checkpoint(self.path(key)) as ckpt:
+            meta = json.loads(ckpt.metadata[ROW_META])
+            if meta["key"] != key:
+                raise ValueError("the entry holds another key")
+            tables = {}
+            for module, item in meta["tables"].items():
+                tensors = {n[len(module) + 1:]: ckpt.tensor(n) for n in ckpt.names if n.startswith(module + ".")}
+                table = core.table_from_tensors(item["entry"], tensors, str(self.path(key)))
+                table._info = dict(item["entry"].get("info") or {})
+                tables[module] = table
+        return meta, tables
+
+    def get(self, key: str | None, row: Row) -> bool:
+        """Fill ``row`` with the entry's figures when it holds a readable one (its tables included)."""
+        if key is None or not self.path(key).is_file():
+            return False
+        try:
+            meta, _ = self._open(key)
+            figures = {k: meta["row"][k] for k in _ROW_FIGURES}
+        except _DAMAGED:
+            self.damaged += 1
+            return False
+        for k, v in figures.items():
+            setattr(row, k, v)
+        row.cached, row.cache_key = True, key
+        self.read += 1
+        return True
+
+    def tables(self, key: str) -> dict[str, tuple[Table, dict[str, Any], str]]:
+        """The entry's tables by module name: (table, its record entry, its tensor's name in the file)."""
+        meta, tables = self._open(key)
+        return {m: (t, meta["tables"][m]["entry"], meta["tables"][m]["tensor"]) for m, t in tables.items()}
+
+    def put(self, key: str | None, row: Row, model: nn.Module | None, tensor_names: dict[str, str]) -> None:
+        """Keep ``row`` and ``model``'s tables (None: the original, or a row that could not be encoded within its
+        budget) under ``key``."""
+        if key is None:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        tables: dict[str, Any] = {}
+        records = getattr(model, "_embcompress_tables", None) or {}
+        for module, table in (core.tables_of(model) if model is not None else {}).items():
+            tensors.update({f"{module}.{k}": v for k, v in core.table_tensors(table).items()})
+            tables[module] = {"tensor": tensor_names.get(module, f"{module}.weight"),
+                              "entry": records.get(f"{module}.weight") or core.table_entry(table)}
+        meta = {"key": key, "tool": __version__, "row": {k: getattr(row, k) for k in ("method", *_ROW_FIGURES)},
+                "tables": tables}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_safetensors(tensors, self.path(key), {ROW_META: json.dumps(meta, default=str)})
+        except (EmbcompressError, OSError) as e:  # the cache saves time; a run does not fail for want of it
+            self.say(f"the row was not cached: {str(e).splitlines()[0]}")
+            return
+        row.cache_key = key
+        self.written += 1
+
+    def rebuilt(self, row: Row, family: _Family) -> nn.Module | None:
+        """A fresh copy of the family's model with the row's tables swapped in, as ``build`` leaves it; None when
+        the row has no entry or it cannot be read."""
+        if row.cache_key is None:
+            return None
+        try:
+            entry = self.tables(row.cache_key)
+        except _DAMAGED:
+            return None
+        model = family.fresh()
+        for module, (table, _, _) in entry.items():
+            core.swap(model, module, table)
+        model._embcompress_tables = {f"{module}.weight": record for module, (_, record, _) in entry.items()}
+        return model
+
+    def counters(self) -> dict[str, Any]:
+        """What this run read, wrote and found damaged, and where."""
+        return {"folder": str(self.folder) if self.folder else None, "read": self.read, "written": self.written,
+                "damaged": self.damaged}
+
+
+def cached_tables(result: SweepResult, row: Row) -> dict[str, Table] | None:
+    """The row's encoded tables as the sweep measured them, by tensor name in the model's file, or None when the
+    sweep kept no cache or the entry is gone or damaged (then the caller encodes again)."""
+    if result.cache is None or row.cache_key is None:
+        return None
+    try:
+        return {tensor: table for table, _, tensor in result.cache.tables(row.cache_key).values()}
+    except _DAMAGED:
+        return None
+
+
+def rebuild(cache: RowCache | None, row: Row, family: _Family, tables: list[tuple[str, int, int]],
+            counts: torch.Tensor | None) -> nn.Module:
+    """The row's model: its tables read back from the cache, else encoded again."""
+    model = cache.rebuilt(row, family) if cache is not None else None
+    if model is None:
+        model = family.fresh()
+        if row.method != UNCOMPRESSED and row.budget_bytes is not None:
+            build(model, row.method, row.budget_bytes, tables, counts)
+    return model
 
 
 def sweep(
@@ -491,7 +671,7 @@ def sweep(
     tables = family.tables()
     float32 = sum(4 * V * d for _, V, d in tables)
     sizes = budget_bytes(budget_list, float32)
-    needs_counts = any("counts" in m.needs for name in names for m in core.parse_method(name) if m is not None)
+    needs_counts = any(_counted(name) for name in names)
     counts = None
     if needs_counts:  # as `compress --corpus` counts them, so `auto` writes what was measured
         got = load_counts(src, None, None, train or data)
@@ -499,8 +679,15 @@ def sweep(
     if ready:
         ready()
     family.prepare()
+    cache = RowCache(None, None) if cache_dir is None else RowCache(Path(cache_dir), {
+        "data": family.data_key(), "family": family.kind, "seed": seed, "max_length": max_length,
+        "batch_size": batch_size, "device": device, "tool": tool_key()}, say)
+    counts_key = _counts_key(counts)
     base = Row(UNCOMPRESSED, None, float32, state_bytes(family.model), None, fits=True)
-    family.score(family.model, base)
+    base_key = cache.key(UNCOMPRESSED, [], None, None)
+    if not cache.get(base_key, base):
+        family.score(family.model, base)
+        cache.put(base_key, base, None, family.tensor_names)
     base.note = "the original"
     rows = [base]
     if family.kind == CLASSIFIER:
@@ -516,35 +703,31 @@ def sweep(
             frac = fraction_of(budget, size, float32)
             row = Row(name, frac, budget_bytes=size)
             say(f"[{done}/{total}] {name} at {budget} ({size:,} bytes)")
-            try:
-                for _, V, d in tables:  # a budget the method cannot reach is refused here, before any copy
-                    core.spec_for_budget(name, V, d, int(size * (4 * V * d) / float32))
-                model = family.fresh()
-                build(model, name, size, tables, counts)
-                row.table_bytes = sum(e["bytes"] for e in model._embcompress_tables.values())
-                if row.table_bytes > size:  # the method's own sizing missed: listed, never chosen
-                    raise InputError(f"over the budget: sized to {size:,} bytes, stores {row.table_bytes:,}")
+            model = None
+            try:  # a budget the method cannot reach is refused here, before any copy
+                specs = specs_for(name, size, tables)
             except InputError as e:
-                row.fits = False
-                row.note = str(e).splitlines()[0]
-                row.note = row.note if row.note.startswith("over the budget") else f"cannot fit: {row.note}"
-                row.seconds = time.perf_counter() - t0
-                rows.append(row)
-                say(f"[{done}/{total}] {name} at {budget}: {row.note}")
-                continue
-            done_tables = core.tables_of(model)
-            row.file_bytes = state_bytes(model)
-            row.options = _options(done_tables.values())
-            family.score(model, row)
-            if row.accuracy is not None and base.accuracy:
-                row.relative_change = (row.accuracy - base.accuracy) / base.accuracy
+                specs = None
+                _cannot_fit(row, e)
+            if specs is not None:
+                key = cache.key(name, specs, size, counts_key if _counted(name) else None)
+                if not cache.get(key, row):
+                    model = _measure(family, row, name, size, specs, tables, counts)
+                    cache.put(key, row, model, family.tensor_names)
             row.seconds = time.perf_counter() - t0
             rows.append(row)
+            if not row.fits:
+                say(f"[{done}/{total}] {name} at {budget}: {row.note}")
+                continue
+            if row.accuracy is not None and base.accuracy:
+                row.relative_change = (row.accuracy - base.accuracy) / base.accuracy
             say(f"[{done}/{total}] {name} at {budget}: {family.quality_name.split(' ')[0]} {row.quality:.4f}, "
-                f"{row.table_bytes:,} table bytes, {row.seconds:.1f} s")
+                f"{row.table_bytes:,} table bytes, {row.seconds:.1f} s" + (" (from the cache)" if row.cached else ""))
             if recover:
                 t0 = time.perf_counter()
                 say(f"[{done}/{total}] {name} at {budget}: recovering ({recover} steps)")
+                if model is None:
+                    model = rebuild(cache, row, family, tables, counts)
                 note = family.recover(model, recover)
                 restore_storage(model)
                 rec = Row(name, frac, row.table_bytes, state_bytes(model), recovered=True, options=row.options,
@@ -560,26 +743,62 @@ def sweep(
                 "texts": count, "max_length": max_length, "device": device, "seed": seed,
                 "tables": [{"name": n, "shape": [V, d]} for n, V, d in tables],
                 "counts_from": str(train or data) if needs_counts else None,
-                "train": str(train) if train else None, "dev": str(dev) if dev else None}
+                "train": str(train) if train else None, "dev": str(dev) if dev else None,
+                "row_cache": cache.counters()}
     if texts is not None:
         settings.update(texts_total=texts.total, subsample=texts.total != len(texts.texts),
                         labels=texts.labels is not None, cache_hit=family.cache_hit,  # type: ignore[union-attr]
                         probe_train_share=PROBE_TRAIN if texts.labels is not None else None)
-    result = SweepResult(str(src), str(data), family.kind, family.quality_name, float32, rows, settings)
+    result = SweepResult(str(src), str(data), family.kind, family.quality_name, float32, rows, settings,
+                         cache=cache)
     if latency:
         time_front(result, family, Path(cache_dir) if cache_dir else src.parent, threads, tables, counts, say)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def build(model: nn.Module, method: str, size: int, tables: list[tuple[str, int, int]],
-          counts: torch.Tensor | None) -> None:
-    """Compress the model's tables in place with ``method`` sized to ``size`` bytes in all (each table its share
-    of the float32 bytes, as ``compress --budget`` shares it)."""
+def specs_for(method: str, size: int, tables: list[tuple[str, int, int]]) -> list[core.Spec]:
+    """``method`` sized for each table: ``size`` bytes in all, each table its share of the float32 bytes (as
+    ``compress --budget`` shares it); a budget the method cannot reach is an ``InputError``."""
     float32 = sum(4 * V * d for _, V, d in tables)
-    for name, V, d in tables:
-        spec = core.spec_for_budget(method, V, d, int(size * (4 * V * d) / float32))
+    return [core.spec_for_budget(method, V, d, int(size * (4 * V * d) / float32)) for _, V, d in tables]
+
+
+def build(model: nn.Module, method: str, size: int, tables: list[tuple[str, int, int]],
+          counts: torch.Tensor | None, specs: list[core.Spec] | None = None) -> None:
+    """Compress the model's tables in place with ``method`` sized to ``size`` bytes in all (``specs_for``)."""
+    for (name, _, _), spec in zip(tables, specs or specs_for(method, size, tables)):
         core.compress_(model, spec, [name], counts=counts)
+
+
+def _counted(method: str) -> bool:
+    """Whether the method reads token counts."""
+    return any("counts" in m.needs for m in core.parse_method(method) if m is not None)
+
+
+def _cannot_fit(row: Row, error: InputError) -> None:
+    row.fits = False
+    note = str(error).splitlines()[0]
+    row.note = note if note.startswith("over the budget") else f"cannot fit: {note}"
+
+
+def _measure(family: _Family, row: Row, method: str, size: int, specs: list[core.Spec],
+             tables: list[tuple[str, int, int]], counts: torch.Tensor | None) -> nn.Module | None:
+    """Encode a fresh copy of the model with ``specs`` and score it into ``row``; the model, or None when the
+    method could not encode within the budget (the row then says why)."""
+    try:
+        model = family.fresh()
+        build(model, method, size, tables, counts, specs)
+        row.table_bytes = sum(e["bytes"] for e in model._embcompress_tables.values())
+        if row.table_bytes > size:  # the method's own sizing missed: listed, never chosen
+            raise InputError(f"over the budget: sized to {size:,} bytes, stores {row.table_bytes:,}")
+    except InputError as e:
+        _cannot_fit(row, e)
+        return None
+    row.file_bytes = state_bytes(model)
+    row.options = _options(core.tables_of(model).values())
+    family.score(model, row)
+    return model
 
 
 def time_front(result: SweepResult, family: _Family, near: Path, threads: int | None,
@@ -591,9 +810,7 @@ def time_front(result: SweepResult, family: _Family, near: Path, threads: int | 
         if row.recovered:
             continue
         say(f"latency: exporting {row.method} to ONNX")
-        model = family.fresh()
-        if row.method != UNCOMPRESSED and row.budget_bytes is not None:
-            build(model, row.method, row.budget_bytes, tables, counts)
+        model = rebuild(result.cache, row, family, tables, counts)
         try:
             with temporary_folder(near / "latency") as work:
                 row.latency_ms = family.latency(model, Path(work), threads)

@@ -4,7 +4,8 @@ on your texts, each step the CLI call a user would type.
 1. `inspect` the model; 2. `compare` it at 0.10, 0.05 and 0.03 of its table's float32 bytes: each method sized to
 each budget, encoded in memory and scored by the cosine of its sentence embeddings to the original's on the held-out
 texts (no recovery), the Pareto front marked, Markdown, CSV, JSON and a plot written; 3. `compress --method auto` at
-0.05: the best representation within the budget written (the original's embeddings come from compare's cache);
+0.05: the best representation within the budget written (compare's cache, beside both outputs in --out, holds
+every row it measured and its encoded tables, so nothing is encoded or measured again);
 4. `export --quantize int4` of that model to ONNX (the table in its storage, the layers' weights in 4 bits) with its
 size, latency and parity, beside the original's float32 ONNX. One table sums up, every figure read back from the
 workspace record the commands wrote (`embcompress history` shows it).

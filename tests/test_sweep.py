@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from embcompress import sweep  # noqa: E402
+from embcompress import core, sweep  # noqa: E402
 from embcompress.errors import DataError, InputError  # noqa: E402
 from embcompress.methods import registered  # noqa: E402
 from tests.builders import write_sentiment_jsonl  # noqa: E402
@@ -67,7 +67,37 @@ def test_cache_is_reused_and_keyed_by_the_texts(bert: Path, tmp_path: Path) -> N
     assert again.rows[1].quality == pytest.approx(first.rows[1].quality, abs=1e-12)
     other = sweep.sweep(bert, _texts(tmp_path / "u.txt", n=20), budgets=["0.2"], methods="int8",
                         cache_dir=tmp_path / "c")
-    assert not other.settings["cache_hit"] and len(list((tmp_path / "c").iterdir())) == 2
+    assert not other.settings["cache_hit"] and len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+    # the rows measured are kept (the original's at least; a budget int8 cannot size is no entry), then read back,
+    # then measured again for other texts
+    kept = sum(r.cache_key is not None for r in first.rows)
+    assert kept >= 1 and first.settings["row_cache"]["written"] == kept and first.settings["row_cache"]["read"] == 0
+    assert again.settings["row_cache"] == {**first.settings["row_cache"], "read": kept, "written": 0}
+    assert other.settings["row_cache"]["read"] == 0 and not any(r.cached for r in other.rows)
+
+
+def test_cached_rows_equal_measured_ones_and_a_damaged_entry_is_measured_again(bert: Path, tmp_path: Path) -> None:
+    texts, cache = _texts(tmp_path / "t.txt"), tmp_path / "c"
+    first = sweep.sweep(bert, texts, budgets=["0.3", "0.1"], methods="svd,lowbit,fp16", cache_dir=cache)
+    again = sweep.sweep(bert, texts, budgets=["0.3", "0.1"], methods="svd,lowbit,fp16", cache_dir=cache)
+    kept = [r.cache_key is not None for r in first.rows]  # fp16 cannot be sized to 0.3: refused again, not kept
+    assert not all(kept) and sum(kept) >= 5 and not any(r.cached for r in first.rows)
+    assert [r.cached for r in again.rows] == kept
+    assert again.settings["row_cache"]["read"] == sum(kept) and again.settings["row_cache"]["written"] == 0
+    figures = ("method", "fits", "table_bytes", "file_bytes", "quality", "cosine", "options", "note", "pareto")
+    assert [[getattr(r, k) for k in figures] for r in again.rows] == [[getattr(r, k) for k in figures]
+                                                                      for r in first.rows]
+    svd = next(r for r in first.rows if r.method == "svd" and r.budget == pytest.approx(0.3))
+    tables = sweep.cached_tables(again, next(r for r in again.rows if r.cache_key == svd.cache_key))
+    assert tables and sum(core.table_entry(t)["bytes"] for t in tables.values()) == svd.table_bytes
+    entry = cache / sweep.ROWS_FOLDER / f"{svd.cache_key}.safetensors"
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # a torn write
+    third = sweep.sweep(bert, texts, budgets=["0.3", "0.1"], methods="svd,lowbit,fp16", cache_dir=cache)
+    assert third.settings["row_cache"]["damaged"] == 1 and third.settings["row_cache"]["written"] == 1
+    redone = next(r for r in third.rows if r.cache_key == svd.cache_key)
+    assert not redone.cached and redone.quality == pytest.approx(svd.quality, abs=1e-6)
+    fourth = sweep.sweep(bert, texts, budgets=["0.3", "0.1"], methods="svd,lowbit,fp16", cache_dir=cache)
+    assert fourth.settings["row_cache"]["read"] == sum(kept) and fourth.settings["row_cache"]["damaged"] == 0
 
 
 def test_probe_on_labelled_texts_and_mixed_labels_refused(bert: Path, tmp_path: Path) -> None:
@@ -105,10 +135,15 @@ def test_unknown_method_and_empty_texts_refused(bert: Path, tmp_path: Path) -> N
 
 
 def test_recovery_rows_stay_in_budget(bert: Path, tmp_path: Path) -> None:
-    result = sweep.sweep(bert, _texts(tmp_path / "t.txt"), budgets=["0.2"], methods="svd+int8", recover=3)
+    result = sweep.sweep(bert, _texts(tmp_path / "t.txt"), budgets=["0.2"], methods="svd+int8", recover=3,
+                         cache_dir=tmp_path / "c")
     plain, rec = result.rows[1], result.rows[2]
     assert not plain.recovered and rec.recovered and rec.table_bytes == plain.table_bytes
     assert rec.quality is not None and "distillation" in rec.note
+    again = sweep.sweep(bert, _texts(tmp_path / "t.txt"), budgets=["0.2"], methods="svd+int8", recover=3,
+                        cache_dir=tmp_path / "c")  # recovery starts from the tables read back from the cache
+    assert again.rows[1].cached and not again.rows[2].cached
+    assert again.rows[2].quality == pytest.approx(rec.quality, abs=1e-5)
 
 
 def test_classifier_rows_score_accuracy(tmp_path: Path) -> None:
@@ -127,3 +162,9 @@ def test_classifier_rows_score_accuracy(tmp_path: Path) -> None:
     assert any(r.recovered for r in rows)
     with pytest.raises(InputError, match="--train"):
         sweep.sweep(model, dev, budgets=["0.3"], methods="svd", recover=2)
+    first = sweep.sweep(model, dev, budgets=["0.3"], methods="svd,groupreduce", train=train, cache_dir=tmp_path / "c")
+    again = sweep.sweep(model, dev, budgets=["0.3"], methods="svd,groupreduce", train=train, cache_dir=tmp_path / "c")
+    assert all(r.cached for r in again.rows) and not any(r.cached for r in first.rows)
+    assert [r.accuracy for r in again.rows] == [r.accuracy for r in first.rows]
+    tables = sweep.cached_tables(again, again.rows[2])
+    assert tables is not None and list(tables) == ["embedding.weight"]

@@ -43,7 +43,9 @@ UNSEEN_COUNT = 0.1  # the count a never-seen row is weighted as
 SAMPLE_PER_CENTROID = 64  # k-means trains on at most this many rows per centroid
 _SEED_PER_CENTROID = 8  # k-means++ seeds from at most this many rows per centroid
 _BLOCK_ELEMS = 1 << 21  # distance entries (subspaces x rows x centroids) per block of the assignment
-FAISS_MIN_DIM = 8  # faiss gets points of at least this many dims (zeros appended)
+# faiss computes distances by BLAS from this many queries: the default of faiss 1.15 (128 000) sends k-means on
+# small subspaces (below 8 dims, or 4 000-16 000 points) down a direct loop about 10x slower
+FAISS_BLAS_FROM = 20
 COMPILE_ENTRIES = 2_000_000_000  # distance entries from which the assignment kernel is compiled
 
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -281,24 +283,22 @@ def faiss_threads() -> int:
 
 
 def _faiss_points(x: torch.Tensor) -> Any:
-    """x (n, S) as faiss wants it: contiguous float32, zero dims appended up to FAISS_MIN_DIM (no distance changes,
-    and faiss's distance kernels below 8 dims are about 10x slower on CPU)."""
+    """x (n, S) as faiss wants it: a contiguous float32 array."""
     import numpy as np
 
-    a = x.detach().to(torch.float32).numpy()
-    if a.shape[1] < FAISS_MIN_DIM:
-        a = np.pad(a, ((0, 0), (0, FAISS_MIN_DIM - a.shape[1])))
-    return np.ascontiguousarray(a)
+    return np.ascontiguousarray(x.detach().to(torch.float32).numpy())
 
 
 def _faiss_pool(job: Any, count: int) -> None:
     """Run ``job(j)`` for j < count on faiss_threads() threads (faiss releases the GIL), each faiss call on one
-    OpenMP thread (S-dim subspaces are too small to share; OpenMP threads would only spin)."""
+    OpenMP thread (S-dim subspaces are too small to share; OpenMP threads would only spin), distances by BLAS
+    (``FAISS_BLAS_FROM``)."""
     import faiss
 
-    threads = faiss.omp_get_max_threads()
+    threads, blas_from = faiss.omp_get_max_threads(), faiss.cvar.distance_compute_blas_threshold
     workers = faiss_threads()
     faiss.omp_set_num_threads(1)
+    faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_FROM
     try:
         if workers == 1:
             for j in range(count):
@@ -308,6 +308,7 @@ def _faiss_pool(job: Any, count: int) -> None:
                 list(pool.map(job, range(count)))
     finally:
         faiss.omp_set_num_threads(threads)
+        faiss.cvar.distance_compute_blas_threshold = blas_from
 
 
 def kmeans_faiss(x: torch.Tensor, weights: torch.Tensor | None, k: int, iterations: int, seed: int) -> torch.Tensor:
@@ -320,11 +321,10 @@ def kmeans_faiss(x: torch.Tensor, weights: torch.Tensor | None, k: int, iteratio
     wn = None if weights is None else np.ascontiguousarray(weights.numpy(), dtype=np.float32)
 
     def job(j: int) -> None:
-        points = _faiss_points(x[j])
-        km = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed + j, verbose=False,
+        km = faiss.Kmeans(s, k, niter=iterations, seed=seed + j, verbose=False,
                           max_points_per_centroid=max(1, n), min_points_per_centroid=1)
-        km.train(points, weights=wn)
-        out[j] = torch.from_numpy(km.centroids.reshape(k, -1)[:, :s].copy())
+        km.train(_faiss_points(x[j]), weights=wn)
+        out[j] = torch.from_numpy(km.centroids.reshape(k, s).copy())
 
     _faiss_pool(job, m)
     return out
@@ -338,9 +338,8 @@ def encode_rows_faiss(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     codes = torch.empty(w.shape[0], m, dtype=torch.uint8)
 
     def job(j: int) -> None:
-        books = _faiss_points(centroids[j])
-        index = faiss.IndexFlatL2(books.shape[1])
-        index.add(books)
+        index = faiss.IndexFlatL2(s)
+        index.add(_faiss_points(centroids[j]))
         _, idx = index.search(_faiss_points(w[:, j * s : (j + 1) * s]), 1)
         codes[:, j] = torch.from_numpy(idx[:, 0]).to(torch.uint8)
 

@@ -31,7 +31,7 @@ from ..checkpoint import (
     temporary_folder,
 )
 from ..errors import InputError
-from ..methods.base import BudgetError
+from ..methods.base import BudgetError, Table
 from ..quant import TAGS as QUANTIZE_TAGS
 from ..quant import quant_meta
 from ..record import history
@@ -199,8 +199,11 @@ def compress(
     force: bool = False,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    encoded: Mapping[str, Table] | None = None,
 ) -> CompressResult:
-    """Compress the checkpoint's tables with ``method`` and write the result; every check runs before writing."""
+    """Compress the checkpoint's tables with ``method`` and write the result; every check runs before writing.
+    ``encoded``: tables already encoded with ``method`` at this budget, by tensor name (``--method auto`` passes
+    those it measured), written instead of encoding again."""
     if method == "auto":
         raise InputError("--method auto measures every method on your texts first: give --data TEXTS "
                          "(embcompress.ops.plan.compress_auto)")
@@ -249,7 +252,7 @@ def compress(
             t0 = time.perf_counter()
             tensors, new = core.compress_state(tensors, specs[t.name], [t.name],
                                                counts={t.name: row_counts} if row_counts is not None else None,
-                                               tied={t.name: list(t.tied)}, device=device)
+                                               tied={t.name: list(t.tied)}, device=device, encoded=encoded)
             entry = new[t.name]
             if counted is not None:
                 entry["counts"] = counted  # where the token counts came from

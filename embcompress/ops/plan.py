@@ -4,7 +4,10 @@
 within the budget, the one of highest quality (ties: the smaller), or with ``min_quality`` the smallest that
 reaches it; it says why, against the runner-up and the measurement's noise. :func:`compress_auto` runs the sweep at
 one budget, chooses, and writes the choice with :func:`embcompress.ops.compress.compress` (the same sizing and the
-same token counts as the sweep, so the file holds what was measured).
+same token counts as the sweep, so the file holds what was measured). The sweep's cache (``.embcompress-cache``
+beside the output, where ``compare`` also keeps it) holds every row measured before on the same model, texts,
+counts and settings, so after ``compare`` nothing is encoded or measured again and the chosen row's tables are
+written as they were measured.
 """
 
 from __future__ import annotations
@@ -126,13 +129,16 @@ def compress_auto(
     size = next(iter(result.settings["budget_bytes"].values()))
     choice = choose(result, size, min_quality)
     counted = any("counts" in m.needs for m in _parts(choice.row.method))
+    encoded = sweep.cached_tables(result, choice.row)
     if progress:
-        progress(f"writing {choice.row.method}")
+        progress(f"writing {choice.row.method}" + (" (its tables as measured, from the cache)" if encoded else ""))
     written = compress(src, choice.row.method, budget=str(budget),
                        corpus=(corpus if corpus is not None else data) if counted else None,
-                       output=output, force=force, device=device, progress=progress)
+                       output=output, force=force, device=device, progress=progress, encoded=encoded)
     return AutoResult(choice, written, result, {"budget": str(budget), "min_quality": min_quality,
-                                                "data": str(data), "limit": limit, "cache": str(cache)})
+                                                "data": str(data), "limit": limit, "cache": str(cache),
+                                                "rows_from_cache": result.settings["row_cache"]["read"],
+                                                "tables_from_cache": encoded is not None})
 
 
 def _parts(method: str) -> list[base.Method]:

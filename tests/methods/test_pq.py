@@ -119,23 +119,27 @@ def test_torch_kmeans_within_two_percent_of_faiss() -> None:
         assert ours["rel_error"] <= 1.02 * theirs["rel_error"], (ours, theirs)
 
 
-def test_faiss_padded_subspaces_on_threads_match_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Subvectors under 8 dims reach faiss with zero dims appended and the subspaces run on a thread pool: the codes
-    are the nearest centroids torch finds, and the codebooks those of one unpadded subspace at a time."""
+def test_faiss_subspaces_on_threads_match_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subspaces run on a thread pool with faiss's BLAS distances: the codebooks are those faiss finds one
+    subspace at a time with its own settings, the codes the nearest centroids torch finds, and faiss's settings
+    are given back."""
     faiss = pytest.importorskip("faiss")
     import numpy as np
 
     w = _table(rows=1500, dim=12, seed=3)
+    before = faiss.cvar.distance_compute_blas_threshold, faiss.omp_get_max_threads()
+    monkeypatch.setattr(pq, "faiss_threads", lambda: 2)
     for s in (2, 3, 12):
         x = w.reshape(-1, 12 // s, s).transpose(0, 1).contiguous()
-        monkeypatch.setattr(pq, "faiss_threads", lambda: 2)
         books = pq.kmeans_faiss(x, None, 16, 5, seed=7)
+        assert (faiss.cvar.distance_compute_blas_threshold, faiss.omp_get_max_threads()) == before
         for j in range(x.shape[0]):
             km = faiss.Kmeans(s, 16, niter=5, seed=7 + j, verbose=False, max_points_per_centroid=1500,
                               min_points_per_centroid=1)
             km.train(np.ascontiguousarray(x[j].numpy()))
             assert torch.allclose(books[j], torch.from_numpy(km.centroids), atol=1e-4), (s, j)
         assert torch.equal(pq.encode_rows_faiss(w, books), pq.encode_rows(w, books))
+
 
 def test_bad_options_refused() -> None:
     for options, message in (({"centroids": 257}, "between 2 and 256"), ({"centroids": 1}, "between 2 and 256"),

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from embcompress import hf, sweep  # noqa: E402
+from embcompress import core, hf, sweep  # noqa: E402
+from embcompress.compare import compare_model  # noqa: E402
 from embcompress.errors import InputError  # noqa: E402
 from embcompress.ops.plan import choose, compress_auto  # noqa: E402
 from tests.test_hf import TEXTS, tiny_bert  # noqa: E402
@@ -56,6 +57,40 @@ def test_auto_writes_the_measured_choice(tmp_path: Path) -> None:
     sim = hf.cosine_report(hf.embed(model, tok, TEXTS * 3), hf.embed(ref, tok, TEXTS * 3), TEXTS * 3)
     assert sim.mean == pytest.approx(row.quality, abs=1e-5)  # the file holds what was measured
     assert (tmp_path / sweep.CACHE_NAME).is_dir()
+
+
+def test_auto_after_compare_reuses_its_rows_and_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compare then auto on the same model, texts, counts and methods: auto reads every row and the chosen tables
+    from compare's cache (nothing is encoded), and writes what compare measured; a damaged entry is measured
+    again."""
+    torch.set_num_threads(1)
+    bert = tiny_bert(tmp_path / "bert")
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(TEXTS * 3) + "\n", encoding="utf-8")
+    methods = "svd,svd+int8,lowbit,tiered"
+    measured = compare_model(bert, texts, budgets=["0.3"], methods=methods, train=texts, latency=False,
+                             output=tmp_path / "cmp")
+    kept = measured.settings["row_cache"]["written"]
+    assert kept == len(measured.rows) and measured.settings["row_cache"]["read"] == 0
+    encodes = []
+    real = core.encode_table
+    monkeypatch.setattr(core, "encode_table", lambda *a, **k: encodes.append(a[1].name) or real(*a, **k))
+    res = compress_auto(bert, budget="0.3", data=texts, corpus=texts, methods=methods, output=tmp_path / "out")
+    assert encodes == [] and res.settings["tables_from_cache"] and res.settings["rows_from_cache"] == kept
+    assert res.sweep.settings["row_cache"]["written"] == 0 and all(r.cached for r in res.sweep.rows)
+    row = res.choice.row
+    assert row.quality == next(r.quality for r in measured.rows if r.method == row.method)
+    model, ref = hf.load(tmp_path / "out", task="base"), hf.load(bert, task="base")
+    tok = hf.load_tokenizer(bert)
+    sim = hf.cosine_report(hf.embed(model, tok, TEXTS * 3), hf.embed(ref, tok, TEXTS * 3), TEXTS * 3)
+    assert sim.mean == pytest.approx(row.quality, abs=1e-5)  # the file holds what compare measured
+    entry = tmp_path / sweep.CACHE_NAME / sweep.ROWS_FOLDER / f"{row.cache_key}.safetensors"
+    entry.write_bytes(b"not a safetensors file")
+    again = compress_auto(bert, budget="0.3", data=texts, corpus=texts, methods=methods, output=tmp_path / "out",
+                          force=True)
+    assert encodes == [row.method] * len(res.sweep.settings["tables"])  # the damaged row, and only it
+    assert again.sweep.settings["row_cache"]["damaged"] == 1 and again.sweep.settings["row_cache"]["written"] == 1
+    assert again.choice.row.method == row.method and again.choice.row.quality == pytest.approx(row.quality, abs=1e-6)
 
 
 def test_auto_refuses_before_writing(tmp_path: Path) -> None:
