@@ -206,8 +206,8 @@ def storage_options(W: torch.Tensor, energy_kept: Callable[[int], float],
     """int8 per row and 4- and 2-bit groups of W, each measured on at most ``sample_rows`` rows, beside low rank at
     its bytes.
 
-    ``energy_kept(k)`` is the table's spectrum's; the factors are counted at W's own width. Low-bit groups are
-    left out when LOWBIT_GROUP does not divide the dimension."""
+    ``energy_kept(k)`` is the table's spectrum's; the factors are counted at W's own width. When LOWBIT_GROUP does
+    not divide the dimension, the low-bit bytes are those of rows padded to whole groups, as lowbit stores them."""
     V, d = W.shape
     width = W.element_size()
     sample = _rows_sample(W, sample_rows)
@@ -221,11 +221,10 @@ def storage_options(W: torch.Tensor, energy_kept: Callable[[int], float],
 
     if width > 1:
         add("int8", 8, None, quantized_cost(V, d, 8).bytes, quantization_error(sample, 8))
-    if d % LOWBIT_GROUP == 0:
-        for bits in (4, 2):
-            config = LowBitConfig(bits=bits, group_size=LOWBIT_GROUP)
-            approx = dequantize_lowbit(quantize_lowbit(sample, config), config, tuple(sample.shape))
-            add(f"lowbit{bits}", bits, LOWBIT_GROUP, config.stored_bytes(V, d), _relative(sample, approx))
+    for bits in (4, 2):
+        config = LowBitConfig(bits=bits, group_size=LOWBIT_GROUP)
+        approx = dequantize_lowbit(quantize_lowbit(sample, config), config, tuple(sample.shape))
+        add(f"lowbit{bits}", bits, LOWBIT_GROUP, config.stored_bytes(V, d), _relative(sample, approx))
     return options
 
 

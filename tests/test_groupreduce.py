@@ -130,3 +130,32 @@ def test_groupreduce_classifier_finetunes_quantizes_and_exports(tmp_path: Path, 
         back = load_classifier(q.output).model.embedding.dense_weight()
         W = clf.model.embedding.dense_weight()
     assert float(torch.linalg.norm(back - W) / torch.linalg.norm(W)) < 0.02
+
+
+@pytest.mark.parametrize("dim, bits, fraction", [(64, 4, 0.12), (50, 2, 0.1), (96, 3, 0.08), (50, 4, 0.2)])
+def test_groupreduce_kept_in_lowbit_pads_free_block_ranks_within_its_budget(dim: int, bits: int,
+                                                                              fraction: float) -> None:
+    """Block ranks need not be multiples of the low-bit group: each block's left factor is padded to whole groups,
+    the file's bytes are lowbit's padded ones, and they fit the budget; the file loads back."""
+    from embcompress import core
+
+    V = 3000
+    W = low_rank_table(V, dim, 12) + 0.05 * torch.randn(V, dim, generator=torch.Generator().manual_seed(dim))
+    counts = _zipf_weights(V, seed=bits)
+    budget = int(fraction * 4 * V * dim)
+    spec = core.spec_for_budget("groupreduce+lowbit", V, dim, budget, {"blocks": 4}, {"bits": bits})
+    assert spec.structure_config.multiple == 1  # the budget rank is not rounded to the group either
+    table = core.encode_table(W, spec, core.Context(counts=counts))
+    group = spec.storage_config.group_size
+    assert any(k % group for k in table.ranks), table.ranks
+    entry = core.table_entry(table)
+    padded = sum(spec.storage_config.stored_bytes(*a.shape) + spec.storage_config.stored_bytes(*b.shape)
+                 for a, b in zip(table.weight_a, table.weight_b)) + V
+    assert entry["bytes"] == padded <= budget
+    assert table.info()["rel_error"] < 0.5
+    tensors = core.table_tensors(table)
+    back = core.table_from_tensors(entry, tensors)
+    with torch.no_grad():
+        served, loaded = table(torch.arange(V)), back(torch.arange(V))
+    # within lowbit's re-quantization of already decoded values (not bit-exact, as for svd+lowbit)
+    assert float((loaded - served).norm() / served.norm()) < 0.02

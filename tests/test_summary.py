@@ -82,3 +82,21 @@ def test_storage_measured_on_a_row_sample() -> None:
     for a, b in zip(full, sample):
         assert b.rel_error == pytest.approx(a.rel_error, rel=0.1) and a.bytes == b.bytes
     assert all(o.svd_rel_error == 1.0 for o in full)  # energy_kept(k) = 0: nothing kept
+
+
+def test_low_bit_rows_for_a_dimension_32_does_not_divide() -> None:
+    """A 50-d table (an LSTM's) gets the low-bit rows too, at lowbit's padded bytes (64 values a row)."""
+    import torch
+
+    from embcompress.methods.lowbit import LowBitConfig
+    from embcompress.summary import LOWBIT_GROUP, storage_options
+
+    W = torch.randn(2000, 50, generator=torch.Generator().manual_seed(2))
+    options = {o.storage: o for o in storage_options(W, lambda k: 0.0)}
+    assert list(options) == ["int8", "lowbit4", "lowbit2"]
+    for bits in (4, 2):
+        option = options[f"lowbit{bits}"]
+        assert option.bytes == LowBitConfig(bits=bits, group_size=LOWBIT_GROUP).stored_bytes(2000, 50)
+        assert option.bytes == 2000 * (64 * bits // 8 + 2 * 2 + -(-2 * bits // 8))  # codes, scales, zeros
+        assert option.fraction == pytest.approx(option.bytes / (4 * 2000 * 50))
+    assert options["int8"].rel_error < options["lowbit4"].rel_error < options["lowbit2"].rel_error < 1

@@ -300,3 +300,21 @@ def test_bad_method_and_mismatched_spectrum_raise():
         spec.energy_kept(5)
     with pytest.raises(InputError):
         svd.spectrum(torch.randn(3))
+
+
+def test_a_rank_multiple_out_of_budget_says_so():
+    """With the rank a multiple of a low-bit group, the refusal names that multiple and what it needs, not rank 1
+    (whose bytes the budget holds)."""
+    from embcompress.methods.base import BudgetError
+    from embcompress.methods.svd import SVDConfig
+
+    rows, dim = 14566, 300
+    budget = 800864  # rank 13 fits, rank 32 does not
+    assert budget // (4 * (rows + dim)) == 13
+    with pytest.raises(BudgetError) as info:
+        SVDConfig.for_budget(rows, dim, budget, multiple=32)
+    message = str(info.value)
+    assert "multiple of 32" in message and f"{32 * 4 * (rows + dim)}" in message and "rank 1 " not in message
+    assert SVDConfig.for_budget(rows, dim, budget, multiple=8).rank == 8
+    with pytest.raises(BudgetError, match=f"rank 1 needs {4 * (rows + dim)} bytes"):
+        SVDConfig.for_budget(rows, dim, 4 * (rows + dim) - 1)

@@ -7,6 +7,7 @@ by moving rows between blocks. ``weight_groups`` (uint8) names each row's block.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -179,8 +180,18 @@ class GroupReduceConfig(WeightedConfig):
     rounds: int = DEFAULT_ROUNDS
 
     def extra_bytes(self, rows: int, dim: int, storage: Config | None = None) -> int:
-        """The row -> block map, and at most a 4-byte scale per row of every block's right factor."""
-        return rows + (4 * self.blocks * dim if storage is not None else 0)
+        """The row -> block map, and what the blocks' factors kept in ``storage`` may take beyond the planned
+        ``rows`` x k and k x ``dim`` factors (:func:`blocks_overhead`)."""
+        if storage is None:
+            return rows
+        return rows + blocks_overhead(storage, rows, dim, self.blocks, self.rank)
+
+    @classmethod
+    def for_budget(cls, rows: int, dim: int, budget: int, **options: Any) -> GroupReduceConfig:
+        """As the SVD's, but the budget rank is not rounded to a ``multiple``: the block ranks are the solver's
+        anyway, and a grouped storage pads each block's left factor (counted by ``extra_bytes``)."""
+        options.pop("multiple", None)
+        return super().for_budget(rows, dim, budget, **options)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,6 +200,30 @@ class GroupReduceConfig(WeightedConfig):
         if self.rounds < 0:
             raise InputError(f"--rounds must be 0 or more, got {self.rounds}")
 
+
+def blocks_overhead(storage: Config, rows: int, dim: int, blocks: int, rank: int | None) -> int:
+    """At most how many bytes the blocks' factors kept in ``storage`` take beyond the planned ``rows`` x ``rank``
+    and ``rank`` x ``dim`` factors, for any block ranks the solver picks within ``rank * (rows + dim)`` parameters.
+
+    With b(x) = ``storage.stored_bytes(1, x)`` (a row of x values), r its bytes per value over whole periods of
+    8 groups (of 1 value without groups) and c the most b(x) - r x reaches in a period (a per-row scale, the
+    padding of a last group): the left factors take at most r P_A + rows c and the right ones K b(dim), where
+    P_A + K dim is within the parameters and K, the sum of the block ranks, is at most ``blocks * dim``; so at most
+    r rank (rows + dim) + K (b(dim) - r dim) + rows c in all. Without a rank, what that adds to r per parameter.
+    """
+    period = 8 * int(getattr(storage, "group_size", 1) or 1)
+
+    def row(x: int) -> int:
+        return storage.stored_bytes(1, x)
+
+    per_value = (row(2 * period) - row(period)) / period
+    per_row = max(row(x) - per_value * x for x in range(1, period + 1))
+    ranks_max = blocks * dim if rank is None else min(blocks * dim, rank * (rows + dim) // dim)
+    beyond = ranks_max * (row(dim) - per_value * dim) + rows * per_row
+    if rank is None:
+        return math.ceil(beyond)
+    planned = storage.stored_bytes(rows, rank) + storage.stored_bytes(rank, dim)
+    return max(0, math.ceil(per_value * rank * (rows + dim) + beyond - planned))
 
 def _encode(W: torch.Tensor, config: GroupReduceConfig, context: Context) -> GroupedFactorizedEmbedding:
     V, d = W.shape
@@ -204,11 +239,8 @@ def _encode(W: torch.Tensor, config: GroupReduceConfig, context: Context) -> Gro
 
 
 def _fit_stored(W: torch.Tensor, table: Table, storage: Method, config: Config) -> None:
-    """LPLR block by block: each block's left factor stored, its right factor solved against it, then stored."""
-    group = getattr(config, "group_size", None)
-    if group and any(k % group for k in table.ranks):
-        raise InputError(f"groupreduce+{storage.name}: the block ranks {table.ranks} are not multiples of the group "
-                         f"size {group} the storage needs along the rank; use groupreduce+int8, or svd+{storage.name}")
+    """LPLR block by block: each block's left factor stored, its right factor solved against it, then stored (a
+    low-bit storage pads a block whose rank is not a multiple of its group)."""
     groups = table.weight_groups.long()
     for c, (a, b) in enumerate(zip(table.weight_a, table.weight_b)):
         refit_factors(W[(groups == c).nonzero().flatten()], a, b, storage, config)

@@ -173,8 +173,13 @@ class SVDConfig(Config):
     @classmethod
     def for_budget(cls, rows: int, dim: int, budget: int, **options: Any) -> SVDConfig:
         multiple = int(options.get("multiple", 1))
-        k = budget // (4 * (rows + dim))
-        k -= k % multiple
+        fits = budget // (4 * (rows + dim))
+        k = fits - fits % multiple
+        if fits >= 1 > k:
+            raise BudgetError(f"the rank must be a multiple of {multiple} (the group a low-bit storage keeps along "
+                              f"the rank; a smaller rank is padded to it at the same bytes): rank {multiple} needs "
+                              f"{4 * multiple * (rows + dim)} bytes of float32 factors for a {rows} x {dim} table, "
+                              f"over the {budget} this budget gives them (rank {fits} would fit)")
         if k < 1:
             raise BudgetError(f"rank 1 needs {4 * (rows + dim)} bytes for a {rows} x {dim} table, over {budget}")
         if k >= break_even_rank(rows, dim):

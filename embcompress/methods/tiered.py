@@ -65,16 +65,41 @@ class TieredConfig(Config):
     @classmethod
     def for_budget(cls, rows: int, dim: int, budget: int, **options: Any) -> TieredConfig:
         """The largest fraction of frequent rows that fits. Without a ``method``, low-bit tiers where they fit, else
-        product-quantization tiers (3-dim subvectors for frequent rows where 3 divides d, 8-dim for the rest)."""
+        product-quantization tiers (3-dim subvectors for frequent rows where 3 divides d, else 2 or 1; for the
+        rest the first of 8, 6, 4, 12, 16 that divides d, else the divisor of d nearest 8)."""
         if "method" in options:
             return cls._sized(rows, dim, budget, **options)
+        high = next(s for s in (3, 2, 1) if dim % s == 0)
+        divisors = [s for s in range(high + 1, dim + 1) if dim % s == 0] or [high]
+        low = next((s for s in (8, 6, 4, 12, 16) if s in divisors), min(divisors, key=lambda s: (abs(s - 8), s)))
+        tries = ({**options, "method": "lowbit"},
+                 {"high": {"subvector": high}, "low": {"subvector": low}, **options, "method": "pq"})
+        needs, reasons = {}, []
+        for attempt in tries:
+            try:
+                least = cls._least(rows, dim, **attempt)
+            except BudgetError as e:
+                reasons.append(str(e))
+                continue
+            if least <= budget:
+                return cls._sized(rows, dim, budget, **attempt)
+            needs[attempt["method"]] = least
+        if not needs:
+            raise BudgetError("; ".join(reasons))
+        each = ", ".join(f"{method} tiers {least}" for method, least in needs.items())
+        raise BudgetError(f"tiered needs at least {min(needs.values())} bytes for a {rows} x {dim} table (every row "
+                          f"in the low tier: {each}), over the budget of {budget}")
+
+    @classmethod
+    def _least(cls, rows: int, dim: int, **options: Any) -> int:
+        """The stored bytes with every row in the low tier; refused with the tier method's reason when its tiers
+        cannot hold the table at all (a subvector that does not divide d, more centroids than rows)."""
+        options.pop("frequent", None)
         try:
-            return cls._sized(rows, dim, budget, **options, method="lowbit")
-        except (BudgetError, InputError):
-            high = 3 if dim % 3 == 0 else 2
-            low = next((s for s in (8, 6, 4, 12, 16) if dim % s == 0 and s > high), high * 2)
-            return cls._sized(rows, dim, budget, **{"high": {"subvector": high}, "low": {"subvector": low},
-                                                     **options}, method="pq")
+            return cls(**options, frequent=0.0).stored_bytes(rows, dim)
+        except InputError as e:
+            raise BudgetError(f"tiered {options.get('method', cls.method)} tiers cannot hold a {rows} x {dim} table: "
+                              f"{e}") from None
 
     @classmethod
     def _sized(cls, rows: int, dim: int, budget: int, **options: Any) -> TieredConfig:
@@ -88,9 +113,10 @@ class TieredConfig(Config):
             except InputError:
                 return None
 
-        if bytes_at(0) is None or bytes_at(0) > budget:
-            raise BudgetError(f"tiered needs at least {bytes_at(0)} bytes for a {rows} x {dim} table (every row in "
-                              f"the low tier), over the budget of {budget}")
+        least = cls._least(rows, dim, **options)
+        if least > budget:
+            raise BudgetError(f"tiered needs at least {least} bytes for a {rows} x {dim} table (every row in the "
+                              f"low tier), over the budget of {budget}")
         lo, hi = 1, rows - 1  # the smallest frequent tier its method accepts
         while lo < hi and bytes_at(lo) is None:
             mid = (lo + hi) // 2

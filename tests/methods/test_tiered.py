@@ -120,3 +120,19 @@ def test_pq_tiers_export_to_onnx(tmp_path: Path) -> None:
                       dynamo=False, dynamic_axes={"ids": {0: "b", 1: "t"}, "rows": {0: "b", 1: "t"}})
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), table(ids))
+
+
+def test_a_50_dim_table_gets_codebook_tiers_or_its_real_minimum() -> None:
+    """50 dims: no codebook subvector of the usual list divides them, so the fallback takes one that does; below
+    every tier method's least bytes the refusal gives that least (not None), and a table no tier method can hold
+    at all gets the method's reason."""
+    budget = 40000  # under 2-bit groups (padded to 64 values) for 2000 rows
+    config = TieredConfig.for_budget(2000, 50, budget)
+    assert config.method == "pq" and 50 % config.low["subvector"] == 0 and 50 % config.high["subvector"] == 0
+    assert 0 < config.stored_bytes(2000, 50) <= budget
+    least = min(TieredConfig(frequent=0.0).stored_bytes(2000, 50),
+                TieredConfig(frequent=0.0, method="pq", high=config.high, low=config.low).stored_bytes(2000, 50))
+    with pytest.raises(BudgetError, match=f"tiered needs at least {least} bytes for a 2000 x 50 table"):
+        TieredConfig.for_budget(2000, 50, least - 1)
+    with pytest.raises(BudgetError, match="pq tiers cannot hold a 2000 x 50 table: pq subvector 8 does not divide"):
+        TieredConfig.for_budget(2000, 50, budget, method="pq", low={"subvector": 8})
