@@ -188,6 +188,7 @@ def encode_table(W: torch.Tensor, spec: Spec, context: Context | None = None) ->
             spec.structure.fit_stored(W.detach().float().cpu(), table, spec.storage, spec.storage_config)
             table.storage, table.storage_config, table.stored_names = spec.storage, spec.storage_config, \
                 table.storable()
+            _settle(table)
         elif spec.storage is not None:
             store_(table, spec.storage, spec.storage_config)
     table.spec_name = spec.name
@@ -217,12 +218,40 @@ def store_(table: Table, storage: Method, config: Config) -> None:
         t = params.get(name, buffers.get(name))
         if t is None:
             continue
-        decoded = storage.dequantize(storage.quantize(t.detach().float().cpu(), config), config, tuple(t.shape))
+        stored = storage.quantize(t.detach().float().cpu(), config)
         with torch.no_grad():
-            t.copy_(decoded.to(t.dtype))
+            t.copy_(storage.dequantize(stored, config, tuple(t.shape)).to(t.dtype))
+        _remember(table, name, stored)
     table.storage = storage
     table.storage_config = config
     table.stored_names = names
+
+
+def _remember(table: Table, name: str, stored: dict[str, torch.Tensor]) -> None:
+    """Keep the exact stored form of the table's tensor ``name`` while the tensor is unchanged (its storage and
+    version counter): quantizing decoded values again need not give the same codes (a low-bit group whose decoded
+    range is narrower than the fitted one gets a new scale), so the file is written from these."""
+    t = table.tensors()[name]
+    table.__dict__.setdefault("_stored_cache", {})[name] = (t.data_ptr(), t._version, stored)
+
+
+def _remembered(table: Table, name: str, t: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    hit = table.__dict__.get("_stored_cache", {}).get(name)
+    return hit[2] if hit is not None and hit[0] == t.data_ptr() and hit[1] == t._version else None
+
+
+def _settle(table: Table) -> None:
+    """After a structure fitted its tensors in a storage itself (``fit_stored``): set each to the decoded form of
+    what the file will hold, and remember that form, so memory and file agree exactly."""
+    storage, config = table.storage, table.storage_config
+    for name in table.stored_names:
+        t = table.tensors()[name]
+        stored = storage.quantize(t.float().cpu(), config)
+        decoded = storage.dequantize(stored, config, tuple(t.shape)).to(t.dtype)
+        if not torch.equal(decoded, t):
+            with torch.no_grad():
+                t.copy_(decoded)
+        _remember(table, name, stored)
 
 
 def table_tensors(table: Table) -> dict[str, torch.Tensor]:
@@ -233,7 +262,8 @@ def table_tensors(table: Table) -> dict[str, torch.Tensor]:
     for name, t in table.tensors().items():
         t = t.detach().cpu()
         if storage is not None and name in stored_names and not isinstance(table, StoredTable):
-            for suffix, s in storage.quantize(t.float(), table.storage_config).items():
+            stored = _remembered(table, name, t) or storage.quantize(t.float(), table.storage_config)
+            for suffix, s in stored.items():
                 out[name + suffix] = s.contiguous()
         else:
             out[name] = t.contiguous()
@@ -296,9 +326,11 @@ def table_from_tensors(entry: Mapping[str, Any], tensors: Mapping[str, torch.Ten
             return StoredTable(storage, storage_config, stored, V, d, entry.get("padding_idx"))
         structure = base.get(entry["structure"], STRUCTURE)
         decoded = dict(tensors)
+        stored_parts: dict[str, dict[str, torch.Tensor]] = {}
         for name in entry.get("stored") or ():
             parts = {k[len(name):]: decoded.pop(k) for k in list(decoded) if k == name or
                      (k.startswith(name) and k[len(name):].startswith("_"))}
+            stored_parts[name] = parts
             shape = tuple(entry.get("shapes", {}).get(name) or ())
             decoded[name] = storage.dequantize(parts, storage_config, shape or _decoded_shape(parts))
         table = structure.table.from_tensors(decoded, entry)
@@ -307,6 +339,8 @@ def table_from_tensors(entry: Mapping[str, Any], tensors: Mapping[str, torch.Ten
         if storage is not None:
             table.storage, table.storage_config = storage, storage_config
             table.stored_names = list(entry.get("stored") or ())
+            for name in table.stored_names:
+                _remember(table, name, stored_parts[name])
         return table
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{where}: the record of a table does not fit its tensors ({type(e).__name__}: "
