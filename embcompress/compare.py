@@ -269,11 +269,6 @@ def default_output(model: Path) -> Path:
     return Path.cwd() / f"{model.name.removesuffix(model.suffix) if model.is_file() else model.name}.compare"
 
 
-def cache_folder(out: Path) -> Path:
-    """The cache of the original's embeddings: beside the output folder, so later runs (and ``auto``) reuse it."""
-    return out.resolve().parent / sweep.CACHE_NAME
-
-
 def compare_model(
     model_path: str | os.PathLike[str],
     data: str | os.PathLike[str],
@@ -324,7 +319,7 @@ def compare_model(
 
     try:
         result = sweep.sweep(src, data, budgets=budgets, methods=methods, recover=recover, train=train, dev=dev,
-                             limit=limit, latency=latency, threads=threads, cache_dir=cache_folder(out),
+                             limit=limit, latency=latency, threads=threads, cache_dir=sweep.cache_folder(out),
                              device=device, seed=seed, progress=say, ready=ready)
         if protocol:
             say("the paper's protocol rows")

@@ -64,6 +64,12 @@ PROBE_TRAIN = 0.7  # the share of labelled texts the linear probe is fitted on; 
 RECOVERY = {"layers": 1, "lr": 4e-3}
 
 
+def cache_folder(out: Path | None) -> Path:
+    """Where compare and ``compress --method auto`` keep their cache (the original's embeddings, measured rows):
+    beside their output (the current folder without one), so that one reuses what the other measured."""
+    return (out.resolve().parent if out is not None else Path.cwd()) / CACHE_NAME
+
+
 @dataclass
 class Row:
     """One representation, measured. ``quality`` is the mean cosine to the original (encoders) or the accuracy

@@ -148,6 +148,11 @@ def _auto(path: Path, budget: str | None, data: Path | None, min_quality: float 
     console.print(table(f"The front on {data} ({result.sweep.settings['texts']} texts; {result.sweep.quality})",
                         ["method", "table", "x float32", "quality", "chosen"], front))
     console.print(f"chose {written.method}: {result.choice.why}")
+    cache = result.settings
+    if cache["rows_from_cache"]:
+        console.print(f"{cache['rows_from_cache']} rows read from the cache {cache['cache']} (measured earlier by "
+                      "compare or auto" + ("; the chosen tables written as measured)" if cache["tables_from_cache"]
+                                           else ")"))
     console.print(f"wrote {written.output}: tables {human_bytes(written.table_bytes_before)} -> "
                   f"{human_bytes(written.table_bytes_after)}, file {human_bytes(written.file_bytes_before)} -> "
                   f"{human_bytes(written.file_bytes_after)}")

@@ -123,7 +123,7 @@ def compress_auto(
     out = Path(output) if output is not None else None
     if out is not None:
         check_output(out, [src, Path(data)], force=force)
-    cache = (out.resolve().parent if out is not None else Path.cwd()) / sweep.CACHE_NAME
+    cache = sweep.cache_folder(out)
     result = sweep.sweep(src, data, budgets=[str(budget)], methods=methods, limit=limit, cache_dir=cache,
                          train=corpus, device=device, progress=progress)
     size = next(iter(result.settings["budget_bytes"].values()))

@@ -65,3 +65,13 @@ def test_auto_counts_tokens_in_the_corpus_when_given(capsys, bert: Path, texts: 
     with load_checkpoint(tmp_path / "out") as ckpt:
         entry = ckpt.embcompress_meta["tables"]["embeddings.word_embeddings.weight"]
     assert entry["counts"]["source"] == str(corpus)  # counted in the corpus, not in --data
+
+
+def test_a_second_auto_says_it_read_the_cache(capsys, bert: Path, texts: Path, tmp_path: Path) -> None:
+    args = ["compress", str(bert), "--method", "auto", "--budget", "0.3", "--data", str(texts), "--methods",
+            "svd,lowbit"]
+    assert main([*args, "-o", "first"]) == 0
+    assert "read from the cache" not in capsys.readouterr().out
+    assert main([*args, "-o", "second"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "rows read from the cache" in out and "the chosen tables written as measured" in out
