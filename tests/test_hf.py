@@ -367,6 +367,7 @@ def test_onnx_export_refuses_a_3_bit_table(lowbit: dict[int, Path], tmp_path: Pa
     (["--opset", "9"], "--opset must be between"),
     (["--threads", "0"], "--threads must be at least 1"),
     (["--data", "missing.txt"], "missing.txt: no such file"),
+    (["--quantize", "int4", "--calibration", "0"], "--calibration must be at least 1"),
 ])
 def test_cli_export_of_a_folder_refuses(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                         args: list[str], message: str) -> None:
@@ -479,3 +480,35 @@ def test_int4_codes_are_gptq_on_calibration_texts(folders: dict[str, Path], tmp_
     plain = export_onnx(folders["bert"], tmp_path / "p.onnx", texts=TEXTS, quantize="int4", threads=1, latency=False)
     assert not any("GPTQ" in note for note in plain.notes) and gptq.bytes == plain.bytes
     assert 1 - gptq.mean_cosine < 1 - plain.mean_cosine
+
+
+def test_int4_calibration_count_reaches_gptq(folders: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--calibration N: N texts of --data after the parity ones, or N random vocabulary texts without --data."""
+    pytest.importorskip("onnxruntime")
+    from embcompress import export_onnx
+    from embcompress.export import transformers as et
+
+    seen: list[int] = []
+    feeds = et.EncoderFamily.calibration_feeds
+    monkeypatch.setattr(et.EncoderFamily, "calibration_feeds",
+                        lambda self: seen.append(len(feeds(self))) or feeds(self))
+    export_onnx(folders["bert"], tmp_path / "a.onnx", texts=TEXTS, quantize="int4", threads=1, latency=False,
+                calibration=5)
+    data = tmp_path / "t.txt"
+    data.write_text("\n".join(f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(et.PARITY_TEXT_LIMIT + 20)) + "\n",
+                    encoding="utf-8")
+    export_onnx(folders["bert"], tmp_path / "b.onnx", data=data, quantize="int4", threads=1, latency=False,
+                calibration=6)
+    assert seen == [5, 6]
+
+
+def test_a_classifier_refuses_calibration(tmp_path: Path) -> None:
+    from embcompress import export_onnx
+    from embcompress.errors import InputError
+    from tests.builders import write_classifier
+
+    clf = write_classifier(tmp_path / "c.safetensors")
+    with pytest.raises(InputError, match="--calibration is for the int4 export of a Hugging Face encoder"):
+        export_onnx(clf, tmp_path / "c.onnx", quantize="int8", calibration=64)
+    assert not (tmp_path / "c.onnx").exists()

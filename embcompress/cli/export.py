@@ -23,6 +23,8 @@ EXAMPLES = """Examples:
   embcompress export lstm.safetensors --quantize fp16 --opset 18 --force --json
 
   embcompress export minilm-r90 --quantize int8     (a Hugging Face folder)
+
+  embcompress export minilm-r90 --quantize int4 --data texts.txt --calibration 512
 """
 
 
@@ -46,6 +48,9 @@ def export(
     threads: Annotated[int | None, typer.Option("--threads", help="onnxruntime intra-op threads for the parity "
                        "check (and the latency of a Hugging Face encoder). Default: onnxruntime's choice.",
                        show_default=False)] = None,
+    calibration: Annotated[int | None, typer.Option("--calibration", help="int4 of a Hugging Face encoder: how "
+                           "many texts of --data (after the parity ones) calibrate GPTQ's choice of 4-bit codes; more "
+                           "keep more quality and take longer. Default: 128.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     json: JsonOpt = False,
 ) -> None:
@@ -68,7 +73,7 @@ def export(
         err_console.print(f"using {model} (the last model in the workspace record)")
     with spinner("loading", not json) as say:
         report = export_onnx(model, output, quantize=quantize, opset=opset, data=data, device=device, force=force,
-                             threads=threads, progress=say)
+                             threads=threads, calibration=calibration, progress=say)
     if isinstance(report, OnnxExport):
         _render_encoder(report, model, data=data, quantize=quantize, opset=opset, threads=threads, json=json)
         return

@@ -133,10 +133,11 @@ class EncoderFamily:
     score_name = "mean cosine"
 
     def __init__(self, model: nn.Module, tokenizer: Any, texts: list[str], source: Path,
-                 max_length: int = hf.DEFAULT_MAX_LENGTH, calibration: list[str] | None = None) -> None:
+                 max_length: int = hf.DEFAULT_MAX_LENGTH, calibration: list[str] | None = None,
+                 calibration_count: int = CALIBRATION_TEXTS) -> None:
         self.graph = EncoderExport(model, tokenizer, max_length).eval()
         self.model, self.tokenizer, self.texts, self.source, self.max_length = model, tokenizer, texts, source, max_length
-        self.calibration = calibration
+        self.calibration, self.calibration_count = calibration, calibration_count
         self.description = "encoder, then the mean of the attended token states"
 
     def metadata(self) -> tuple[str, dict[str, str]]:
@@ -172,8 +173,8 @@ class EncoderFamily:
 
     def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
         """One unpadded input per calibration text (GPTQ's statistics see no padding): the texts given, else
-        ``CALIBRATION_TEXTS`` strings of random vocabulary words (seeded), never the parity texts."""
-        texts = self.calibration or random_texts(self.tokenizer, CALIBRATION_TEXTS, CALIBRATION_TOKENS)
+        ``calibration_count`` strings of random vocabulary words (seeded), never the parity texts."""
+        texts = self.calibration or random_texts(self.tokenizer, self.calibration_count, CALIBRATION_TOKENS)
         return [{k: v.numpy() for k, v in self._feeds([t]).items()} for t in texts]
 
     def latency_feeds(self, sizes: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
@@ -200,6 +201,7 @@ def export_encoder(
     tolerance: float | None = None,
     latency: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    calibration: int = CALIBRATION_TEXTS,
     progress: Callable[[str], None] | None = None,
 ) -> OnnxExport:
     """Export a Hugging Face encoder to ONNX, check it against torch in onnxruntime, time it, write it atomically.
@@ -207,28 +209,31 @@ def export_encoder(
     ``quantize``: None (float32), ``"int8"`` or ``"int4"`` (weight-only: MatMulNBits / int8 per channel, the tables
     keeping their storage or, when float, int8 rows / 4-bit groups). Parity texts: ``texts``, else up to
     ``PARITY_TEXT_LIMIT`` of ``data`` (.txt a line, or JSON Lines), else a built-in set. ``int4`` chooses its codes
-    by GPTQ on calibration texts: up to ``CALIBRATION_TEXTS`` of ``data`` after the parity ones, else random
-    vocabulary texts (never the parity texts, so the check stays a held-out one). ``tolerance``: the float32
+    by GPTQ on calibration texts: up to ``calibration`` (default ``CALIBRATION_TEXTS``) of ``data`` after the parity
+    ones, else as many random vocabulary texts (never the parity texts, so the check stays a held-out one). ``tolerance``: the float32
     graph's largest sentence-embedding difference (default 1e-4). ``latency``: the median time of one call at
     batch 1 and 64. Raises ParityError, writing nothing, when a check fails.
     """
     start = time.perf_counter()
     src = Path(folder)
     check_options(quantize, opset, threads, QUANTIZE_CHOICES, family="a Hugging Face model")
+    if calibration < 1:
+        raise InputError(f"--calibration must be at least 1 text, got {calibration}")
     if device not in ("auto", "cpu"):
         raise InputError(f"--device {device}: the ONNX export of a Hugging Face model is checked on the CPU (auto or "
                          "cpu)")
-    calibration = None
+    calibration_texts = None
     if texts is None and data is not None:
-        read = hf.read_texts(data, limit=PARITY_TEXT_LIMIT + (CALIBRATION_TEXTS if quantize == "int4" else 0))
-        texts, calibration = read[:PARITY_TEXT_LIMIT], read[PARITY_TEXT_LIMIT:] or None
+        read = hf.read_texts(data, limit=PARITY_TEXT_LIMIT + (calibration if quantize == "int4" else 0))
+        texts, calibration_texts = read[:PARITY_TEXT_LIMIT], read[PARITY_TEXT_LIMIT:] or None
     out = Path(output) if output is not None else default_onnx_output(src, quantize)
     check_output(out, [src] + ([Path(data)] if data is not None else []), force=force)
     runtime.import_onnxruntime()
     model = hf.load(src, task="base")
     check_finite_tensors(model.named_parameters(), action="export it")
     check_tables(model)
-    family = EncoderFamily(model, hf.load_tokenizer(src), list(texts or PARITY_TEXTS), src, max_length, calibration)
+    family = EncoderFamily(model, hf.load_tokenizer(src), list(texts or PARITY_TEXTS), src, max_length,
+                           calibration_texts, calibration)
     written = write_export(family, out, quantize=quantize, opset=opset, device="cpu", threads=threads,
                            latency=LATENCY_BATCHES if latency else (), tolerance=tolerance, block_size=block_size,
                            progress=progress)

@@ -76,6 +76,9 @@ class ClassifierFamily(Family):
     def export_onnx(self, path: Path, output: Path | None, **options: Any) -> Any:
         keys = ("quantize", "opset", "data", "device", "force", "threads", "fold_projection", "block_size",
                 "progress")
+        if options.get("calibration") is not None:
+            raise InputError("--calibration is for the int4 export of a Hugging Face encoder (GPTQ calibration "
+                             "texts); a classifier's int4 weights are rounded without calibration")
         return export_classifier(path, output, latency=bool(options.get("latency")),
                                  **{k: options[k] for k in keys if k in options})
 
