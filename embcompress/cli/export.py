@@ -24,7 +24,7 @@ EXAMPLES = """Examples:
 
   embcompress export minilm-r90 --quantize int8     (a Hugging Face folder)
 
-  embcompress export minilm-r90 --quantize int4 --data texts.txt --calibration 512
+  embcompress export minilm --quantize int4 --data t.txt --calibration 512
 """
 
 

@@ -87,8 +87,11 @@ def with_nan(model: Path, name: str, row: int) -> Path:
 
 
 def _stall(args: list[object]) -> subprocess.Popen:
+    # a shell's background job inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # the child gets the default disposition, as a command typed at a terminal has
     proc = subprocess.Popen([sys.executable, "-c", _STALLED_WRITE, *map(str, args)], env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "writing", proc.communicate()[1]
     return proc
 
