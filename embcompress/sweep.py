@@ -44,7 +44,7 @@ from . import core, families, hf
 from .families import CLASSIFIER, ENCODER
 from ._version import __version__
 from .checkpoint import check_finite_tensors, load_checkpoint, save_safetensors, temporary_folder
-from .classifier import Classifier, load_classifier, save_classifier
+from .classifier import load_classifier
 from .data import read_jsonl
 from .distill import DistillConfig, distill_model
 from .errors import DataError, DependencyError, EmbcompressError, InputError
@@ -311,8 +311,21 @@ class _Family:
     def recover(self, model: nn.Module, steps: int) -> str:
         raise NotImplementedError
 
-    def latency(self, model: nn.Module, work: Path, threads: int | None) -> dict[int, float | None]:
+    saved_as = "model"  # the name of the model written for the latency export, in its family's form
+
+    def export_options(self) -> dict[str, Any]:
+        """The parity inputs of the latency export."""
         raise NotImplementedError
+
+    def latency(self, model: nn.Module, work: Path, threads: int | None) -> dict[int, float | None]:
+        """onnxruntime latency of ``model``: written as its family writes it, exported by its family's graph."""
+        adapter = families.detect(self.src)
+        path = work / self.saved_as
+        adapter.save_model(model, path, like=self.src, force=True)
+        report = adapter.export_onnx(path, work / "model.onnx", threads=threads, device="cpu", force=True,
+                                     latency=True, **self.export_options())
+        by_batch = getattr(report, "latency_batch_ms", None) or report.latency_ms
+        return dict(by_batch) if isinstance(by_batch, dict) else {1: by_batch}
 
 
 class _Encoder(_Family):
@@ -385,14 +398,8 @@ class _Encoder(_Family):
         model.cpu().eval()
         return f"{steps} steps of label-free distillation (layer phase, {RECOVERY['layers']} block)"
 
-    def latency(self, model: nn.Module, work: Path, threads: int | None) -> dict[int, float | None]:
-        from .ops.export import export_onnx
-
-        folder = work / "model"
-        hf.save(model, folder, like=self.src, force=True)
-        report = export_onnx(folder, work / "model.onnx", texts=self.texts.texts[:8], threads=threads,
-                             device="cpu", force=True, latency=True)
-        return dict(getattr(report, "latency_batch_ms", None) or {1: report.latency_ms})
+    def export_options(self) -> dict[str, Any]:
+        return {"texts": self.texts.texts[:8]}
 
 
 class _Classifier(_Family):
@@ -433,14 +440,10 @@ class _Classifier(_Family):
         model.cpu().eval()
         return f"{config.epochs} epochs of fine-tuning ({steps} steps asked, {per_epoch} a pass)"
 
-    def latency(self, model: nn.Module, work: Path, threads: int | None) -> dict[int, float | None]:
-        from .ops.export import export_onnx
+    saved_as = "model.safetensors"
 
-        path = work / "model.safetensors"
-        save_classifier(Classifier(model, self.clf.vocab, self.clf.labels, self.clf.train), path, force=True)
-        report = export_onnx(path, work / "model.onnx", data=self.data, device="cpu", force=True, threads=threads,
-                             latency=True)
-        return dict(report.latency_ms)
+    def export_options(self) -> dict[str, Any]:
+        return {"data": self.data}
 
 
 def embedding_key(src: Path, texts: Texts, max_length: int) -> str:

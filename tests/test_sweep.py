@@ -168,3 +168,21 @@ def test_classifier_rows_score_accuracy(tmp_path: Path) -> None:
     assert [r.accuracy for r in again.rows] == [r.accuracy for r in first.rows]
     tables = sweep.cached_tables(again, again.rows[2])
     assert tables is not None and list(tables) == ["embedding.weight"]
+
+
+def test_the_front_is_timed_in_onnxruntime_for_both_families(bert: Path, tmp_path: Path) -> None:
+    """Each front row is written as its family writes it and exported through its family's graph."""
+    pytest.importorskip("onnxruntime")
+    from embcompress.train.loop import TrainConfig
+    from embcompress.train.run import train_classifier
+
+    encoder = sweep.sweep(bert, _texts(tmp_path / "t.txt"), budgets=["0.3"], methods="lowbit", latency=True,
+                          threads=1, cache_dir=tmp_path / "c")
+    train = write_sentiment_jsonl(tmp_path / "train.jsonl", 60)
+    model = train_classifier(train, None, tmp_path / "m.safetensors", embed_dim=8,
+                             config=TrainConfig(epochs=1, batch_size=16, device="cpu")).output
+    classifier = sweep.sweep(model, train, budgets=["0.3"], methods="svd", latency=True, threads=1,
+                             cache_dir=tmp_path / "d")
+    for result in (encoder, classifier):
+        front = [r for r in result.rows if r.pareto]
+        assert front and all(r.latency_ms.get(1, 0) > 0 for r in front)

@@ -67,8 +67,6 @@ class Family:
     measures: ClassVar[str | None] = None
     #: the paper's training protocol applies (train the uncompressed model, baselines at equal epochs)
     protocol: ClassVar[bool] = False
-    #: the suffix-free word for its inputs in messages
-    what: ClassVar[str] = "checkpoint"
 
     def detect(self, path: Path, ckpt: Checkpoint | None) -> bool:
         """True when ``path`` (opened as ``ckpt`` when it is a checkpoint) is one of this family's models."""

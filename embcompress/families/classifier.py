@@ -27,7 +27,6 @@ class ClassifierFamily(Family):
     description = "an embcompress classifier (DAN or LSTM): one .safetensors file with its vocabulary and labels"
     measures = CLASSIFIER
     protocol = True
-    what = "classifier"
 
     def detect(self, path: Path, ckpt: Checkpoint | None) -> bool:
         return ckpt is not None and MODEL_META_KEY in ckpt.metadata

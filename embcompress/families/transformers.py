@@ -25,7 +25,6 @@ class TransformersFamily(Family):
     name = "transformers"
     description = "a Hugging Face transformers model folder (config.json, weights, tokenizer)"
     measures = ENCODER
-    what = "model folder"
 
     def detect(self, path: Path, ckpt: Checkpoint | None) -> bool:
         return hf.is_hf_folder(path)
