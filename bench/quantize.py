@@ -17,8 +17,12 @@ ONNX: each table exported through ``StoredTable`` (lowbit 2/4/8 bits, groups of 
 ``com.microsoft::GatherBlockQuantized``, the float32 table as a plain ``Gather``, and ``pq`` (S = 4 and 8, K = 256),
 ``iiq`` (one bit a dimension) and ``tiered`` (lowbit tiers, pq tiers) encoded by ``core.encode_table`` and exported
 as their tables' own lowering, each checked against torch in the same run; one onnxruntime CPU session each
-(``intra_op_num_threads`` = ``--threads``), random ids at batch 1 x 128 and 64 x 128 tokens, runs interleaved
-round-robin across the formats, median per batch, ratios against float32 from the same run.
+(``intra_op_num_threads`` = ``--threads``, its threads not spinning between calls, so that the sessions of
+the round-robin do not take each other's cores), random ids at batch 1 x 128 and 64 x 128 tokens, runs interleaved
+round-robin across the formats, median per batch, ratios against float32 from the same run. The ``decoded at load``
+rows export the same pq, iiq and tiered tables through ``export.onnx.DecodedAtLoad`` (``export --decode-at-load``):
+the file keeps the stored tensors and onnxruntime folds the decode into a float32 table when the session starts;
+each session's start time is reported beside (a decoded session holds the float32 table, 46.9 MB here).
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ def zipf_counts(rows: int) -> torch.Tensor:
     return 1e6 / rank
 
 
+DECODED = ("pq S=4 K=256", "pq S=8 K=256", "iiq 1 bit a dim", "tiered pq S=2/8")  # also timed decoded at load
 LATENCY_SPECS = (  # (row label, method, structure options, needs counts): each encoded by core.encode_table
     ("pq S=4 K=256", "pq", {"subvector": 4, "centroids": 256}, False),
     ("pq S=8 K=256", "pq", {"subvector": 8, "centroids": 256}, False),
@@ -146,6 +151,7 @@ def latency_models(w: torch.Tensor, only: set[str] | None = None) -> dict[str, t
     """The float32 table, lowbit 8/4/2-bit groups (``StoredTable``) and each of ``LATENCY_SPECS`` encoded through
     the registry (``core.encode_table``); ``only`` keeps the float32 row and the named ones."""
     from embcompress import core
+    from embcompress.export.onnx import DecodedAtLoad
     from embcompress.methods import lowbit as lb
     from embcompress.methods.base import Context, StoredTable, get
 
@@ -160,18 +166,20 @@ def latency_models(w: torch.Tensor, only: set[str] | None = None) -> dict[str, t
         if only is None or label in only:
             context = Context(counts=zipf_counts(rows) if counts else None)
             models[label] = core.encode_table(w, core.make_spec(method, options), context).eval()
+            if label in DECODED:
+                models[f"{label}, decoded at load"] = DecodedAtLoad(models[label])
     return models
 
 
 def onnx_latency(models: dict[str, torch.nn.Module], threads: int, repeats: int
-                 ) -> list[tuple[str, int, float, float, int, float]]:
-    """(format, batch, median ms, ratio to float32 Gather, ONNX file bytes, max |onnxruntime - torch|) per format
-    and batch; the float32 row first."""
+                 ) -> list[tuple[str, int, float, float, int, float, float]]:
+    """(format, batch, median ms, ratio to float32 Gather, ONNX file bytes, max |onnxruntime - torch|, session start
+    ms) per format and batch; the float32 row first."""
     import numpy as np
     import onnxruntime as ort
 
     rows = models["float32 Gather"].num_embeddings
-    sessions, sizes = {}, {}
+    sessions, sizes, starts = {}, {}, {}
     for name, model in models.items():
         f = io.BytesIO()
         with warnings.catch_warnings():
@@ -181,7 +189,11 @@ def onnx_latency(models: dict[str, torch.nn.Module], threads: int, repeats: int
                               custom_opsets={"com.microsoft": 1})
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # an idle session's threads must not
+        # spin on the cores the next session in the round-robin runs on
+        t = time.perf_counter()
         sessions[name] = ort.InferenceSession(f.getvalue(), so, providers=["CPUExecutionProvider"])
+        starts[name] = (time.perf_counter() - t) * 1e3
         sizes[name] = len(f.getvalue())
     out = []
     rng = np.random.default_rng(0)
@@ -205,7 +217,7 @@ def onnx_latency(models: dict[str, torch.nn.Module], threads: int, repeats: int
         base = statistics.median(times["float32 Gather"])
         for n in sessions:
             m = statistics.median(times[n])
-            out.append((n, batch, m * 1e3, m / base, sizes[n], diffs[n]))
+            out.append((n, batch, m * 1e3, m / base, sizes[n], diffs[n], starts[n]))
     return out
 
 
@@ -252,16 +264,23 @@ def main() -> None:
               "the flattened codebooks; `iiq` gathers a row's bytes, their signs from a 256 x 8 table, a MatMul "
               "by the map, the scale, mean and the two removed directions; `tiered` gathers each row's tier and "
               "place, looks the row up in both tiers and masks (its frequent tier is the top 10 % of rows by "
-              "synthetic Zipf counts over a seeded random order of the ids). `max diff`: the largest absolute "
+              "synthetic Zipf counts over a seeded random order of the ids). `decoded at load` (`export "
+              "--decode-at-load`): the same table's lowering run once on every row id, a subgraph of the stored "
+              "tensors that onnxruntime folds into a float32 table when the session starts, then one Gather a call; "
+              "its file keeps the stored bytes, its session holds the float32 table. `max diff`: the largest absolute "
               "difference between onnxruntime's output and torch's in this run (0: bit for bit); the run stops "
-              "above 1e-5 of the largest output.", "",
-              "| format | batch x tokens | ms (median) | ratio to float32 Gather | ONNX file bytes | max diff |",
-              "|---|---|---|---|---|---|"]
+              "above 1e-5 of the largest output. `start ms`: creating the session (one measurement; a decoded "
+              "session's includes the decode, and it then holds the float32 table, 46.9 MB here). Each session's "
+              "threads do not spin between calls (`session.intra_op.allow_spinning` 0): the spinning threads of "
+              "the session just run would take the cores from the next one in the round-robin.", "",
+              "| format | batch x tokens | ms (median) | ratio to float32 Gather | ONNX file bytes | max diff | "
+              "start ms |",
+              "|---|---|---|---|---|---|---|"]
     torch.set_num_threads(args.threads)
     only = set(args.rows.split(",")) if args.rows else None
     models = latency_models(minilm_table(), only)
-    for n, batch, ms, ratio, size, diff in onnx_latency(models, args.threads, 30 if args.quick else 200):
-        lines.append(f"| {n} | {batch} x 128 | {ms:.3f} | {ratio:.2f} | {size} | {diff:.1e} |")
+    for n, batch, ms, ratio, size, diff, start in onnx_latency(models, args.threads, 30 if args.quick else 200):
+        lines.append(f"| {n} | {batch} x 128 | {ms:.3f} | {ratio:.2f} | {size} | {diff:.1e} | {start:.0f} |")
         print(lines[-1], flush=True)
     lines += ["", f"1-min load average at the end of this section: {load_average()}."]
     args.out.write_text("\n".join(lines) + "\n")

@@ -855,8 +855,9 @@ def render_minilm(doc: dict[str, Any]) -> str:
                         + _why_missed(doc, t)) + _recovery_moves(doc, t))
     for name, c in doc["classifiers"].items():
         lines.append(_classifier_target(doc, name, c))
-    lines += ["- Not measured here: the ONNX export of the whole model (`export --quantize int4`) and product "
-              "quantization's speed and ONNX latency (`bench/quantize.py`, `bench/codebooks.py`).", ""]
+    lines += ["- Not measured here: the ONNX export of the whole model (`export --quantize int4`, "
+              "docs/results/int4_minilm.md) and product quantization's speed and ONNX latency, stored and "
+              "`--decode-at-load` (`bench/codebooks.py`, `bench/quantize.py`).", ""]
     return "\n".join(lines)
 
 

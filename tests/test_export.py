@@ -254,8 +254,9 @@ def stored(models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     save_classifier(Classifier(DAN(len(clf.vocab), 16, 2, hidden=(12,)).eval(), clf.vocab, clf.labels), big)
     out = {"int8": root / "int8.safetensors", "lowbit4": root / "lowbit4.safetensors",
-           "lowbit3": root / "lowbit3.safetensors"}
+           "lowbit3": root / "lowbit3.safetensors", "pq": root / "pq.safetensors"}
     compress(models["dan"], "int8", output=out["int8"])
+    compress(big, "pq", options={"subvector": 4, "centroids": 8}, output=out["pq"])
     compress(big, "lowbit", options={"bits": 4, "group_size": 16}, output=out["lowbit4"])
     compress(big, "lowbit", options={"bits": 3, "group_size": 16}, output=out["lowbit3"])
     return out
@@ -284,6 +285,63 @@ def test_lowbit_table_is_gather_block_quantized_and_3_bits_are_refused(stored, t
     with pytest.raises(InputError, match="3-bit lowbit table has no onnxruntime kernel"):
         _export(stored["lowbit3"], tmp_path / "x.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def _optimized_ops(path: Path, tmp_path: Path) -> tuple[list[str], list[list[int]]]:
+    """The op types and float initializer shapes of the graph onnxruntime runs after loading ``path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    return [n.op_type for n in graph.node], [list(i.dims) for i in graph.initializer
+                                             if i.data_type == onnx.TensorProto.FLOAT]
+
+
+def test_decode_at_load_keeps_the_stored_bytes_and_runs_one_float_gather(stored, tmp_path: Path) -> None:
+    clf = load_classifier(stored["pq"])
+    V, d = len(clf.vocab), clf.model.embedding.embedding_dim
+    plain = _export(stored["pq"], tmp_path / "plain.onnx")
+    decoded = _export(stored["pq"], tmp_path / "decoded.onnx", decode_at_load=True)
+    assert decoded.parity.fp32_max_abs_diff <= 1e-4 and any("decoded at load: 1 table" in n for n in decoded.notes)
+    graph = onnx.load(decoded.output).graph
+    assert not any(list(i.dims) == [V, d] and i.data_type == onnx.TensorProto.FLOAT for i in graph.initializer)
+    assert any(i.data_type == onnx.TensorProto.UINT8 and i.dims[0] == V for i in graph.initializer)  # the codes
+    assert abs(decoded.file_bytes - plain.file_bytes) < 2048  # the decode is a few nodes, not a float table
+    ops, floats = _optimized_ops(Path(decoded.output), tmp_path)
+    assert [V, d] in floats and "Range" not in ops  # onnxruntime folded the decode into one float32 table
+    plain_ops, plain_floats = _optimized_ops(Path(plain.output), tmp_path)
+    assert [V, d] not in plain_floats  # the stored lowering decodes at every call
+    ids = _ids(clf, [5, 3, 7])
+    np.testing.assert_array_equal(_logits(Path(decoded.output), ids), _logits(Path(plain.output), ids))
+    assert type(load_classifier(stored["pq"]).model.embedding).__name__ == "PQTable"
+
+
+def test_decode_at_load_refuses_a_model_it_cannot_help(models, stored, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no compressed table"):
+        _export(models["dan"], tmp_path / "a.onnx", decode_at_load=True)
+    with pytest.raises(InputError, match="GatherBlockQuantized"):
+        _export(stored["lowbit4"], tmp_path / "b.onnx", decode_at_load=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_decoded_at_load_swaps_tables_and_puts_them_back() -> None:
+    from torch import nn
+
+    from embcompress.core import compress_, make_spec
+    from embcompress.export.onnx import DecodedAtLoad, decoded_at_load
+
+    model = nn.Sequential(nn.Embedding(50, 8), nn.Embedding(50, 16))
+    compress_(model, make_spec("pq", {"subvector": 4, "centroids": 4}), tables=["0"])
+    compress_(model, make_spec("lowbit", {"bits": 4, "group_size": 16}), tables=["1"])
+    table = model[0]
+    with decoded_at_load(model) as (decoded, kept):
+        assert (decoded, kept) == (1, 1) and isinstance(model[0], DecodedAtLoad)
+        ids = torch.tensor([[3, 49, 0]])
+        torch.testing.assert_close(model[0](ids), table(ids))
+    assert model[0] is table and type(model[1]).__name__ == "StoredTable"
 
 
 def test_latency_at_batch_1_and_64(models, tmp_path: Path) -> None:

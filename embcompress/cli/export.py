@@ -25,6 +25,8 @@ EXAMPLES = """Examples:
   embcompress export minilm-r90 --quantize int8     (a Hugging Face folder)
 
   embcompress export minilm --quantize int4 --data t.txt --calibration 512
+
+  embcompress export minilm-pq --decode-at-load
 """
 
 
@@ -51,6 +53,10 @@ def export(
     calibration: Annotated[int | None, typer.Option("--calibration", help="int4 of a Hugging Face encoder: how "
                            "many texts of --data (after the parity ones) calibrate GPTQ's choice of 4-bit codes; more "
                            "keep more quality and take longer. Default: 128.", show_default=False)] = None,
+    decode_at_load: Annotated[bool, typer.Option("--decode-at-load", help="Decode each compressed table once, when "
+                              "onnxruntime loads the file: the file keeps the stored bytes, a lookup costs what a "
+                              "float32 Gather costs, and the session holds the table in float32 memory. Not for "
+                              "lowbit tables (GatherBlockQuantized is decoded at every call).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     json: JsonOpt = False,
 ) -> None:
@@ -73,7 +79,8 @@ def export(
         err_console.print(f"using {model} (the last model in the workspace record)")
     with spinner("loading", not json) as say:
         report = export_onnx(model, output, quantize=quantize, opset=opset, data=data, device=device, force=force,
-                             threads=threads, calibration=calibration, progress=say)
+                             threads=threads, calibration=calibration, decode_at_load=decode_at_load,
+                             progress=say)
     if isinstance(report, OnnxExport):
         _render_encoder(report, model, data=data, quantize=quantize, opset=opset, threads=threads, json=json)
         return

@@ -67,6 +67,7 @@ from .onnx import (
     Check,
     ParityError,
     TensorSpec,
+    check_decodable,
     check_options,
     check_tables,
     default_onnx_output,
@@ -438,6 +439,7 @@ def export_classifier(
     fold_projection: bool = True,
     latency: bool = False,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    decode_at_load: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export a classifier to ONNX (``input_ids`` -> ``logits``), check it against PyTorch, and write it atomically.
@@ -463,6 +465,8 @@ def export_classifier(
     clf = load_classifier(src)
     check_finite_tensors(clf.model.state_dict().items(), action="export it")
     check_tables(clf.model)
+    if decode_at_load:
+        check_decodable(clf.model)
     clf.model.eval()
     for param in clf.model.parameters():  # float32 weights; a stored table's buffers (fp16 scales ...) stay as stored
         param.data = param.data.float()
@@ -475,7 +479,8 @@ def export_classifier(
     emb = clf.model.embedding
     rank = emb.rank if isinstance(emb, FACTORIZED) else None
     written = write_export(family, out, quantize=quantize, opset=opset, device=device, threads=threads,
-                           latency=LATENCY_BATCHES if latency else (), block_size=block_size, progress=say)
+                           latency=LATENCY_BATCHES if latency else (), block_size=block_size,
+                           decode_at_load=decode_at_load, progress=say)
     model_bytes = src.stat().st_size if src.is_file() else sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
     q = written.quantized
     parity = Parity(source=f"{family.source} from {data}" if data is not None else family.source,

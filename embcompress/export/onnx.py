@@ -45,7 +45,7 @@ from .. import runtime
 from .._version import __version__
 from ..checkpoint import atomic_path, temporary_folder
 from ..errors import DependencyError, EmbcompressError, InputError
-from ..methods.base import StoredTable, get
+from ..methods.base import StoredTable, Table, get
 from ..methods.lowbit import ONNX_BITS, LowBitConfig
 from .weights import BITS, DEFAULT_BLOCK_SIZE, quantize_weights
 
@@ -230,6 +230,84 @@ def tensor_spec(value: Any) -> TensorSpec:
     return TensorSpec(value.name, str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)), dims)
 
 
+class _AllRows(torch.autograd.Function):
+    """``arange(rows)`` that torch's exporter leaves in the graph as ``Range(0, Abs(rows), 1)``: its constant folding
+    has no rule for ``Abs``, so a table decoded from these ids stays its stored tensors in the file, and onnxruntime's
+    own constant folding decodes it once, when a session loads the graph."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
+        return torch.arange(int(rows))
+
+    @staticmethod
+    def symbolic(g: Any, rows: Any) -> Any:
+        zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int64))
+        one = g.op("Constant", value_t=torch.tensor(1, dtype=torch.int64))
+        return g.op("Range", zero, g.op("Abs", rows), one)
+
+
+class DecodedAtLoad(nn.Module):
+    """Export-only stand-in for a compressed table (``export --decode-at-load``): the table's own lowering run on
+    every row id, a subgraph of constants that onnxruntime folds into a float32 table when it loads the file, then
+    one ``Gather`` a call. The file keeps the stored bytes; lookups cost a float32 ``Gather``; the session holds
+    the table in float32."""
+
+    def __init__(self, table: Table) -> None:
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.num_embeddings, table.embedding_dim
+        self.padding_idx = table.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = _AllRows.apply(torch.tensor(self.table.num_embeddings, dtype=torch.int64))
+        return nn.functional.embedding(ids, self.table(rows))
+
+
+def folds_at_load(table: Table) -> bool:
+    """Whether onnxruntime can decode ``table`` when it loads a graph: no part of it is kept in a storage whose
+    lowering is a contrib op (``lowbit``'s GatherBlockQuantized runs at every call and is never folded)."""
+    return all(get(m.storage.name).folds_at_load for m in table.modules() if isinstance(m, StoredTable))
+
+
+@contextlib.contextmanager
+def decoded_at_load(model: nn.Module) -> Iterator[tuple[int, int]]:
+    """Inside the block, every compressed table of ``model`` that :func:`folds_at_load` is read through
+    :class:`DecodedAtLoad` (the modules are put back after); yields (tables decoded, tables kept as stored). A tied
+    output layer keeps reading its table directly."""
+    inside: set[int] = {id(m) for m in model.modules()} if isinstance(model, Table) else set()
+    swaps: list[tuple[nn.Module, str, Table]] = []
+    wrappers: dict[int, DecodedAtLoad] = {}
+    kept: set[int] = set()
+    for parent in model.modules():
+        if id(parent) in inside:
+            continue
+        for name, child in parent.named_children():
+            if isinstance(child, Table):
+                inside.update(id(m) for m in child.modules())
+                if folds_at_load(child):
+                    swaps.append((parent, name, child))
+                else:
+                    kept.add(id(child))
+    for parent, name, child in swaps:
+        setattr(parent, name, wrappers.setdefault(id(child), DecodedAtLoad(child)))
+    try:
+        yield len(wrappers), len(kept)
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+
+
+def check_decodable(model: nn.Module) -> None:
+    """InputError (before any work) for ``--decode-at-load`` on a model with no table onnxruntime could decode."""
+    tables = [m for m in model.modules() if isinstance(m, Table)]
+    if not tables:
+        raise InputError("--decode-at-load: the model has no compressed table to decode (its tables are float32 "
+                         "already)")
+    if not any(folds_at_load(t) for t in tables):
+        raise InputError("--decode-at-load: every table of the model is kept in lowbit, whose GatherBlockQuantized "
+                         "onnxruntime runs at every call and never folds; export without it")
+
+
 def write_fp32_graph(wrapper: nn.Module, path: Path, opset: int) -> None:
     """Trace the wrapper and write a float32 ONNX graph with its dynamic axes."""
     with quiet(), torch.no_grad():
@@ -286,19 +364,22 @@ def _quantize(src: Path, work: Path, quantize: str, block_size: int,
 
 def write_export(family: Family, out: Path, *, quantize: str | None, opset: int, device: str = "auto",
                  threads: int | None = None, latency: tuple[int, ...] = (), tolerance: float | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE,
+                 block_size: int = DEFAULT_BLOCK_SIZE, decode_at_load: bool = False,
                  progress: Callable[[str], None] | None = None) -> Written:
-    """Steps 1-5 of the module docstring for one family's graph; ParityError (nothing written) on a failed check."""
+    """Steps 1-5 of the module docstring for one family's graph; ParityError (nothing written) on a failed check.
+    ``decode_at_load``: each compressed table that onnxruntime can fold is written as :class:`DecodedAtLoad`."""
     say = progress or (lambda _msg: None)
     import onnx
 
     tol = FP32_TOLERANCE if tolerance is None else tolerance
     doc, props = family.metadata()
     notes: list[str] = []
+    decoding = decoded_at_load(family.graph) if decode_at_load else contextlib.nullcontext((0, 0))
     with temporary_folder(out) as work:
         fp32 = work / "fp32.onnx"
         say("exporting the float32 graph")
-        write_fp32_graph(family.graph, fp32, opset)
+        with decoding as (decoded, kept):
+            write_fp32_graph(family.graph, fp32, opset)
         finish(fp32, doc, props, "float32")
         say("checking float32 parity with torch")
         session = make_session(fp32, device=device, threads=threads)
@@ -335,5 +416,10 @@ def write_export(family: Family, out: Path, *, quantize: str | None, opset: int,
                 shutil.copyfileobj(fin, fout, 1 << 20)
                 fout.flush()
                 os.fsync(fout.fileno())
+    if decode_at_load:
+        notes.append(f"decoded at load: {decoded} table(s) written as their stored tensors and a subgraph onnxruntime "
+                     "folds into float32 when it loads the file (then one Gather a call; the session holds them in "
+                     "float32)" + (f"; {kept} kept as stored (GatherBlockQuantized, which onnxruntime runs at every "
+                                   "call)" if kept else ""))
     return Written(out, out.stat().st_size, fp32_bytes, used, fp32_check, check, times,
                    [tensor_spec(v) for v in model.graph.input], [tensor_spec(v) for v in model.graph.output], notes)

@@ -27,7 +27,7 @@ from torch import nn
 from .. import core, hf, runtime
 from ..checkpoint import check_finite_tensors, check_output
 from ..errors import InputError
-from .onnx import Check, check_options, check_tables, default_onnx_output, write_export
+from .onnx import Check, check_decodable, check_options, check_tables, default_onnx_output, write_export
 from .weights import DEFAULT_BLOCK_SIZE
 
 INPUTS = ("input_ids", "attention_mask")
@@ -202,6 +202,7 @@ def export_encoder(
     latency: bool = True,
     block_size: int = DEFAULT_BLOCK_SIZE,
     calibration: int = CALIBRATION_TEXTS,
+    decode_at_load: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> OnnxExport:
     """Export a Hugging Face encoder to ONNX, check it against torch in onnxruntime, time it, write it atomically.
@@ -232,11 +233,13 @@ def export_encoder(
     model = hf.load(src, task="base")
     check_finite_tensors(model.named_parameters(), action="export it")
     check_tables(model)
+    if decode_at_load:
+        check_decodable(model)
     family = EncoderFamily(model, hf.load_tokenizer(src), list(texts or PARITY_TEXTS), src, max_length,
                            calibration_texts, calibration)
     written = write_export(family, out, quantize=quantize, opset=opset, device="cpu", threads=threads,
                            latency=LATENCY_BATCHES if latency else (), tolerance=tolerance, block_size=block_size,
-                           progress=progress)
+                           decode_at_load=decode_at_load, progress=progress)
     check = written.quantized or written.fp32
     return OnnxExport(
         str(src), str(out), written.file_bytes, opset, quantize, check.figures["max_abs_diff_hidden"],

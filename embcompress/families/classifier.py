@@ -74,7 +74,7 @@ class ClassifierFamily(Family):
 
     def export_onnx(self, path: Path, output: Path | None, **options: Any) -> Any:
         keys = ("quantize", "opset", "data", "device", "force", "threads", "fold_projection", "block_size",
-                "progress")
+                "decode_at_load", "progress")
         if options.get("calibration") is not None:
             raise InputError("--calibration is for the int4 export of a Hugging Face encoder (GPTQ calibration "
                              "texts); a classifier's int4 weights are rounded without calibration")

@@ -56,7 +56,7 @@ class TransformersFamily(Family):
 
     def export_onnx(self, path: Path, output: Path | None, **options: Any) -> Any:
         keys = ("opset", "quantize", "texts", "data", "device", "force", "threads", "tolerance", "block_size",
-                "progress")
+                "decode_at_load", "progress")
         extra = {"max_length": options["max_length"]} if options.get("max_length") else {}
         if options.get("calibration") is not None:
             extra["calibration"] = options["calibration"]

@@ -196,6 +196,7 @@ class Method:
     takes_storage: bool = True  # a structure whose tensors a storage may keep (codebooks and codes keep their own)
     needs: tuple[str, ...] = ()  # "counts": token counts from --corpus / --counts
     onnx: bool = True
+    folds_at_load: bool = True  # its ONNX lowering is standard ops onnxruntime folds (export --decode-at-load)
     aliases: tuple[str, ...] = ()
     budget_options: tuple[str, ...] = field(default=())  # options --budget chooses (shown by `methods`)
 

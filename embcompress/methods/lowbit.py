@@ -582,5 +582,6 @@ METHOD = register(Method(
     quantize=quantize_lowbit,
     dequantize=dequantize_lowbit,
     gather=gather_lowbit,
+    folds_at_load=False,  # GatherBlockQuantized is a contrib op onnxruntime runs, never folds
     budget_options=("bits", "group_size"),
 ))

@@ -29,6 +29,7 @@ def export_onnx(
     latency: bool | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     calibration: int | None = None,
+    decode_at_load: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport | OnnxExport:
     """Export a model to ONNX with its family's graph, checked against torch and written atomically: a classifier
@@ -38,7 +39,8 @@ def export_onnx(
     ``quantize``: None, ``int8`` / ``int4`` (weight-only) or ``fp16`` (classifiers). ``latency`` (default: for
     encoders) times the written graph at batch 1 and 64. ``texts``, ``max_length`` and ``tolerance`` are the
     encoders' (and ``calibration``, the number of GPTQ calibration texts of an int4 encoder); ``fold_projection``
-    the classifiers'.
+    the classifiers'. ``decode_at_load``: the compressed tables are decoded by onnxruntime when it loads the file
+    (small file, float32 lookup speed and memory; see :class:`~embcompress.export.onnx.DecodedAtLoad`).
     """
     src, out = Path(model_path), Path(output) if output is not None else None
     check_options(quantize, opset, threads)  # the checks that need no model, before it is read
@@ -48,4 +50,4 @@ def export_onnx(
         src, out, quantize=quantize, opset=opset, data=data, texts=texts,
         device=device, force=force, threads=threads, fold_projection=fold_projection, max_length=max_length,
         tolerance=tolerance, latency=latency, block_size=block_size, calibration=calibration,
-        progress=progress)
+        decode_at_load=decode_at_load, progress=progress)

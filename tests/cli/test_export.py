@@ -78,9 +78,10 @@ def test_model_from_workspace_record(capsys, model: Path, tmp_path: Path) -> Non
         ("same", 3, "would overwrite the input"),
         ("quantize", 2, "--quantize must be one of int8, int4, fp16"),
         ("opset", 2, "--opset must be between"),
+        ("decode", 2, "--decode-at-load: the model has no compressed table"),
     ],
 )
-def test_one_line_errors(capsys, model: Path, dan_file: Path, tmp_path: Path, case: str, code: int,
+def test_one_line_errors(capsys, model: Path, dan: Path, dan_file: Path, tmp_path: Path, case: str, code: int,
                          message: str) -> None:
     (tmp_path / "taken.onnx").write_bytes(b"keep")
     args = {
@@ -90,6 +91,7 @@ def test_one_line_errors(capsys, model: Path, dan_file: Path, tmp_path: Path, ca
         "same": [model, "-o", model, "--force"],
         "quantize": [model, "--quantize", "int2"],
         "opset": [model, "--opset", "99"],
+        "decode": [dan, "-o", tmp_path / "x.onnx", "--decode-at-load"],
     }[case]
     got, out, err = run(capsys, "export", *args)
     assert got == code and out == ""
