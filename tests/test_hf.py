@@ -13,6 +13,7 @@ import json
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -492,7 +493,8 @@ def test_int4_calibration_count_reaches_gptq(folders: dict[str, Path], tmp_path:
     seen: list[int] = []
     feeds = et.EncoderFamily.calibration_feeds
     monkeypatch.setattr(et.EncoderFamily, "calibration_feeds",
-                        lambda self: seen.append(len(feeds(self))) or feeds(self))
+                        lambda self: seen.append(sum(int(f["attention_mask"].shape[0]) for f in feeds(self)))
+                        or feeds(self))
     export_onnx(folders["bert"], tmp_path / "a.onnx", texts=TEXTS, quantize="int4", threads=1, latency=False,
                 calibration=5)
     data = tmp_path / "t.txt"
@@ -501,6 +503,35 @@ def test_int4_calibration_count_reaches_gptq(folders: dict[str, Path], tmp_path:
     export_onnx(folders["bert"], tmp_path / "b.onnx", data=data, quantize="int4", threads=1, latency=False,
                 calibration=6)
     assert seen == [5, 6]
+
+
+def test_padded_calibration_batches_give_the_moments_of_their_tokens(folders: dict[str, Path], tmp_path: Path) -> None:
+    """GPTQ's statistics from padded batches (the attention mask leaving the padding out) equal those of the texts
+    one at a time, unpadded."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from embcompress import export_onnx
+    from embcompress.export import transformers as et
+    from embcompress.export.weights import input_moments
+
+    export_onnx(folders["bert"], tmp_path / "f.onnx", texts=TEXTS, threads=1, latency=False)
+    model = onnx.load(str(tmp_path / "f.onnx"))
+    weights = {i.name for i in model.graph.initializer}
+    names = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights})
+    family = et.EncoderFamily(hf.load(folders["bert"], task="base"), hf.load_tokenizer(folders["bert"]), TEXTS,
+                              folders["bert"], 32, [t * (1 + i % 3) for i, t in enumerate(TEXTS * 3)], 0)
+    batched = family.calibration_feeds()
+    assert any(int(f["attention_mask"].min()) == 0 for f in batched)  # some padding to leave out
+    singles = [{k: v[r : r + 1, : int(f["attention_mask"][r].sum())] for k, v in f.items()}
+               for f in batched for r in range(f["input_ids"].shape[0])]
+    want = input_moments(model, names, singles)
+    got = input_moments(model, names, batched, mask="attention_mask")
+    unmasked = input_moments(model, names, batched)
+    assert want.keys() == got.keys() and len(want) >= 4
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-6)
+    assert any(not np.allclose(unmasked[n], want[n], rtol=1e-4, atol=1e-6) for n in names)
 
 
 def test_a_classifier_refuses_calibration(tmp_path: Path) -> None:

@@ -352,11 +352,13 @@ def default_onnx_output(path: Path, quantize: str | None) -> Path:
 
 
 def _quantize(src: Path, work: Path, quantize: str, block_size: int,
-              calibration: list[dict[str, np.ndarray]] | None = None) -> tuple[Path, list[str]]:
+              calibration: list[dict[str, np.ndarray]] | None = None,
+              calibration_mask: str | None = None) -> tuple[Path, list[str]]:
     dst = work / f"{quantize}.onnx"
     if quantize in BITS:
         with quiet():
-            done = quantize_weights(src, dst, quantize, block_size=block_size, calibration=calibration)
+            done = quantize_weights(src, dst, quantize, block_size=block_size, calibration=calibration,
+                                    calibration_mask=calibration_mask)
         return dst, [f"{quantize} weight-only (activations stay float32): " + (", ".join(done) or "no float weight")]
     convert_fp16(src, dst)
     return dst, ["fp16: float16 weights and arithmetic, the inputs' and outputs' types kept"]
@@ -393,7 +395,8 @@ def write_export(family: Family, out: Path, *, quantize: str | None, opset: int,
             say(f"quantizing ({quantize})")
             feeds = getattr(family, "calibration_feeds", None)  # optional: a family's inputs for GPTQ (int4)
             calibration = feeds() if feeds is not None and quantize == "int4" else None
-            final, notes = _quantize(fp32, work, quantize, block_size, calibration)
+            final, notes = _quantize(fp32, work, quantize, block_size, calibration,
+                                     getattr(family, "calibration_mask", None))
             if quantize == "fp16" and used == ["CPUExecutionProvider"]:
                 notes.append("fp16 on the CPU: onnxruntime casts ops lacking a float16 kernel back to float32")
             finish(final, doc, props, quantize)

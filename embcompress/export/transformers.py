@@ -39,6 +39,7 @@ MIN_COSINE = {"int8": 0.99, "int4": 0.95}
 PARITY_TEXT_LIMIT = 32  # texts read from --data for the parity check
 CALIBRATION_TEXTS = 128  # int4: texts after the parity ones in --data (else random tokens) for GPTQ
 CALIBRATION_TOKENS = 24  # words in a random-token calibration text
+CALIBRATION_BATCH = 16  # calibration texts a padded onnxruntime call
 LATENCY_BATCHES = (1, 64)
 
 PARITY_TEXTS = [
@@ -171,11 +172,16 @@ class EncoderFamily:
     def min_score(self, quantize: str) -> float | None:
         return MIN_COSINE.get(quantize)
 
+    calibration_mask = "attention_mask"  # GPTQ's statistics leave the padding of the batches out
+
     def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
-        """One unpadded input per calibration text (GPTQ's statistics see no padding): the texts given, else
-        ``calibration_count`` strings of random vocabulary words (seeded), never the parity texts."""
+        """The calibration texts in padded batches of ``CALIBRATION_BATCH``, sorted by length so that little is
+        padded: the texts given, else ``calibration_count`` strings of random vocabulary words (seeded), never the
+        parity texts."""
         texts = self.calibration or random_texts(self.tokenizer, self.calibration_count, CALIBRATION_TOKENS)
-        return [{k: v.numpy() for k, v in self._feeds([t]).items()} for t in texts]
+        ordered = sorted(texts, key=len)
+        return [{k: v.numpy() for k, v in self._feeds(ordered[i : i + CALIBRATION_BATCH]).items()}
+                for i in range(0, len(ordered), CALIBRATION_BATCH)]
 
     def latency_feeds(self, sizes: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
         out = {}

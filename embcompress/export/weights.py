@@ -241,9 +241,12 @@ def _table(g: _Graph, name: str, w: np.ndarray, bits: int, block_size: int, sche
     return out
 
 
-def input_moments(model: Any, names: list[str], feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def input_moments(model: Any, names: list[str], feeds: Iterable[dict[str, np.ndarray]],
+                  mask: str | None = None) -> dict[str, np.ndarray]:
     """E[x x^T] (float64, K x K) of each named float tensor of the graph over ``feeds`` (onnxruntime, CPU), its
-    last axis the features and every other axis a sample."""
+    last axis the features and every other axis a sample. ``mask``: a feed input (batch x seq, 0 at padding) whose
+    padded positions are left out of every tensor whose leading axes are batch x seq, so padded batches give the
+    moments of their real tokens."""
     import onnx
 
     probe = onnx.ModelProto()
@@ -258,8 +261,12 @@ def input_moments(model: Any, names: list[str], feeds: Iterable[dict[str, np.nda
     sums: dict[str, np.ndarray] = {}
     count: Counter[str] = Counter()
     for feed in feeds:
+        keep = feed[mask].reshape(-1) != 0 if mask is not None else None
         for name, x in zip(names, session.run(names, feed)):
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            x = x.reshape(-1, x.shape[-1])
+            if keep is not None and x.shape[0] == keep.shape[0]:
+                x = x[keep]
+            x = x.astype(np.float64)
             sums[name] = sums.get(name, 0.0) + x.T @ x
             count[name] += x.shape[0]
     return {n: sums[n] / count[n] for n in sums if count[n]}
@@ -267,10 +274,12 @@ def input_moments(model: Any, names: list[str], feeds: Iterable[dict[str, np.nda
 
 def quantize_weights(src: Path, dst: Path, quantize: str, *, block_size: int = DEFAULT_BLOCK_SIZE,
                      scheme: str = DEFAULT_SCHEME,
-                     calibration: Iterable[dict[str, np.ndarray]] | None = None) -> list[str]:
+                     calibration: Iterable[dict[str, np.ndarray]] | None = None,
+                     calibration_mask: str | None = None) -> list[str]:
     """Write ``src`` with its float weights quantized weight-only (``int8`` or ``int4``; see the module docstring)
     to ``dst``; returns one line per kind of weight rewritten, with counts. ``calibration``: the graph's inputs for
-    GPTQ's 4-bit codes (None: each weight rounded to its nearest code)."""
+    GPTQ's 4-bit codes (None: each weight rounded to its nearest code); ``calibration_mask``: the input marking
+    their padding (see :func:`input_moments`)."""
     import onnx
 
     bits = BITS[quantize]
@@ -278,7 +287,7 @@ def quantize_weights(src: Path, dst: Path, quantize: str, *, block_size: int = D
     moments: dict[str, np.ndarray] = {}
     if bits == 4 and calibration is not None:
         inputs = sorted({node.input[0] for node in g.graph.node if _nbits_weight(g, node, block_size) is not None})
-        moments = input_moments(g.model, inputs, calibration) if inputs else {}
+        moments = input_moments(g.model, inputs, calibration, calibration_mask) if inputs else {}
     replace: dict[int, list[Any]] = {}
     done: set[str] = set()
     for node in list(g.graph.node):
