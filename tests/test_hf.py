@@ -328,6 +328,29 @@ def test_onnx_export_of_a_lowbit_table(lowbit: dict[int, Path], tmp_path: Path, 
     assert (V, 32 * bits // 8) in shapes and (V, 32) not in shapes  # the packed codes, no float table
 
 
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_onnx_export_decodes_a_pq_table_at_load(folders: dict[str, Path], tmp_path: Path,
+                                                quantize: str | None) -> None:
+    """--decode-at-load on an encoder: the file keeps the pq codes, parity holds, and the layers' int4 pass leaves
+    the decoded table alone (it is no float initializer)."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from embcompress import export_onnx
+    from embcompress.ops.compress import compress
+
+    model = Path(compress(folders["bert"], "pq", options={"subvector": 4, "centroids": 16},
+                          output=tmp_path / "pq").output)
+    report = export_onnx(model, tmp_path / "m.onnx", texts=TEXTS, threads=1, latency=False, quantize=quantize,
+                         decode_at_load=True)
+    assert report.min_cosine > (0.9999 if quantize is None else 0.95)
+    assert any("decoded at load: 1 table" in note for note in report.notes)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert not any(tuple(t.dims) == (V, 32) for t in graph.initializer)  # no float (or int8) table in the file
+    assert any(t.data_type == onnx.TensorProto.UINT8 and tuple(t.dims) == (V, 8) for t in graph.initializer)
+    assert {"Range", "Abs"} <= {n.op_type for n in graph.node}
+
+
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_onnx_weight_only_quantization(folders: dict[str, Path], lowbit: dict[int, Path], tmp_path: Path,
                                        quantize: str) -> None:
