@@ -71,7 +71,9 @@ def export(
     sentence_embedding (float32, or --quantize int8|int4), checked against torch (a quantized graph needs a mean
     cosine of 0.99 for int8, 0.95 for int4), with the latency at batch 1 and 64. Each table is exported as stored:
     int8 rows as a Gather and a Mul by the row scales, 2/4/8-bit groups as GatherBlockQuantized; a 3-bit table is
-    refused.
+    refused. --decode-at-load keeps the stored bytes in the file and has onnxruntime decode a pq, iiq or factored
+    table once when it loads the file, so a lookup costs a float32 Gather (and the session holds the table in
+    float32).
     """
     workspace.check_record()  # before any output: the entry must be writable afterwards
     model, recorded = workspace.take(model, "model", what="model")
