@@ -266,7 +266,7 @@ class DecodedAtLoad(nn.Module):
 def folds_at_load(table: Table) -> bool:
     """Whether onnxruntime can decode ``table`` when it loads a graph: no part of it is kept in a storage whose
     lowering is a contrib op (``lowbit``'s GatherBlockQuantized runs at every call and is never folded)."""
-    return all(get(m.storage.name).folds_at_load for m in table.modules() if isinstance(m, StoredTable))
+    return all(m.storage.folds_at_load for m in table.modules() if isinstance(m, StoredTable))
 
 
 @contextlib.contextmanager
@@ -298,12 +298,14 @@ def decoded_at_load(model: nn.Module) -> Iterator[tuple[int, int]]:
 
 
 def check_decodable(model: nn.Module) -> None:
-    """InputError (before any work) for ``--decode-at-load`` on a model with no table onnxruntime could decode."""
-    tables = [m for m in model.modules() if isinstance(m, Table)]
-    if not tables:
+    """InputError (before any work) for ``--decode-at-load`` on a model with no table onnxruntime could decode
+    (the tables :func:`decoded_at_load` would find)."""
+    with decoded_at_load(model) as (decoded, kept):
+        pass
+    if not decoded + kept:
         raise InputError("--decode-at-load: the model has no compressed table to decode (its tables are float32 "
                          "already)")
-    if not any(folds_at_load(t) for t in tables):
+    if not decoded:
         raise InputError("--decode-at-load: every table of the model is kept in lowbit, whose GatherBlockQuantized "
                          "onnxruntime runs at every call and never folds; export without it")
 
