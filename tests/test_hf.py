@@ -528,6 +528,96 @@ def test_int4_calibration_count_reaches_gptq(folders: dict[str, Path], tmp_path:
     assert seen == [5, 6]
 
 
+def test_int4_tune_keeps_the_bytes_and_ends_nearer_to_the_model(folders: dict[str, Path], tmp_path: Path) -> None:
+    """--tune N: the int4 layers take the bytes they take untuned, every block layer is written with the codes
+    chosen in torch, and the mean cosine to the model as given (not the tuned copy) is higher."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from embcompress import export_onnx
+
+    def int4_bytes(path: Path) -> int:
+        model = onnx.load(str(path))
+        inits = {i.name: i for i in model.graph.initializer}
+        names = {n for node in model.graph.node if node.op_type == "MatMulNBits" for n in node.input}
+        return sum(inits[n].ByteSize() for n in names if n in inits)
+
+    plain = export_onnx(folders["bert"], tmp_path / "g.onnx", texts=TEXTS, quantize="int4", threads=1, latency=False)
+    tuned = export_onnx(folders["bert"], tmp_path / "t.onnx", texts=TEXTS, quantize="int4", threads=1, latency=False,
+                        tune=60)
+    # (the file itself may grow by a few vectors: the untuned tiny model's equal biases share one initializer)
+    assert tuned.tune_steps == 60 and int4_bytes(tmp_path / "t.onnx") == int4_bytes(tmp_path / "g.onnx") > 0
+    assert any("MatMulNBits (4-bit, blocks of 32, asym, tuned)" in note for note in tuned.notes)
+    assert any("distilled for 60 steps" in note for note in tuned.notes)
+    assert 1 - tuned.mean_cosine < 1 - plain.mean_cosine
+
+
+def test_int4_tuned_codes_are_the_files_codes(folders: dict[str, Path], tmp_path: Path) -> None:
+    """The stored tensors chosen in torch reach the file by the weight's digest: the int4 graph computes what the
+    tuned torch model computes, and the file's MatMulNBits tensors are those tensors."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from embcompress.export import transformers as et
+    from embcompress.export.onnx import write_export
+    from embcompress.export.tune import Int4Linear, tune_int4
+    from embcompress.export.weights import weight_digest
+    from embcompress.methods.lowbit import unpack
+
+    model = hf.load(folders["bert"], task="base")
+    tokenizer = hf.load_tokenizer(folders["bert"])
+    family = et.EncoderFamily(model, tokenizer, TEXTS, folders["bert"], 32, TEXTS * 3, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    student, fixed = tune_int4(model, tokenizer, family.calibration_texts(), family.calibration_batches(), steps=5,
+                               block_size=32, scheme="asym", max_length=32)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model as given is untouched
+    assert len(fixed) == 2 * 6 and not any(isinstance(m, Int4Linear) for m in student.modules())
+    out = tmp_path / "t.onnx"
+    written = write_export(et.EncoderFamily(student, tokenizer, TEXTS, folders["bert"], 32), out, quantize="int4",
+                           opset=17, device="cpu", fixed=fixed)
+    assert written.quantized is not None and written.quantized.score > 0.99  # (its tables are int8 rows there)
+    graph = onnx.load(str(out)).graph
+    inits = {i.name: torch.from_numpy(onnx.numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    cast = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+    digests = []
+    for node in (n for n in graph.node if n.op_type == "MatMulNBits"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        k, n, nb = attrs["K"], attrs["N"], attrs["K"] // 32
+        q = unpack(inits[node.input[1]].reshape(n, -1), 4, k).float().reshape(n, nb, 32)
+        z = unpack(inits[node.input[3]].reshape(n, -1), 4, nb).float()
+        scales = inits[cast[node.input[2]]].reshape(n, nb).float()
+        digests.append(weight_digest(((q - z.unsqueeze(-1)) * scales.unsqueeze(-1)).reshape(n, k).numpy()))
+    assert sorted(digests) == sorted(fixed)  # the file's tensors give exactly the tuned torch weights
+
+
+def test_random_calibration_texts_need_vocabulary_words() -> None:
+    """int4 without calibration texts in --data: a tokenizer without alphabetic words is one clear line."""
+    from embcompress.export.transformers import random_texts
+
+    class Symbols:
+        all_special_tokens = ["<s>"]
+
+        def get_vocab(self) -> dict[str, int]:
+            return {"<s>": 0, "1": 1, "!": 2}
+
+    with pytest.raises(InputError, match="no alphabetic vocabulary words"):
+        random_texts(Symbols(), 3, 4)
+
+
+def test_int4_tune_refusals(folders: dict[str, Path], tmp_path: Path) -> None:
+    from embcompress import export_onnx
+
+    for options in ({"tune": 5}, {"tune": 5, "quantize": "int8"}, {"tune": -1, "quantize": "int4"}):
+        with pytest.raises(InputError, match="--tune"):
+            export_onnx(folders["bert"], tmp_path / "x.onnx", texts=TEXTS, latency=False, **options)
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(InputError, match="--tune: no nn.Linear in the transformer blocks of BertModel takes a "
+                                         "multiple of 128 inputs"):
+        export_onnx(folders["bert"], tmp_path / "x.onnx", texts=TEXTS, latency=False, quantize="int4", tune=5,
+                    block_size=128)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_padded_calibration_batches_give_the_moments_of_their_tokens(folders: dict[str, Path], tmp_path: Path) -> None:
     """GPTQ's statistics from padded batches (the attention mask leaving the padding out) equal those of the texts
     one at a time, unpadded."""

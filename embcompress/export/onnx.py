@@ -31,7 +31,7 @@ import shutil
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -94,8 +94,9 @@ class Family(Protocol):
     def metadata(self) -> tuple[str, dict[str, str]]:
         """The model's doc string and ``metadata_props``."""
 
-    def check(self, session: Any) -> Check:
-        """onnxruntime against torch on the family's parity inputs."""
+    def check(self, session: Any, reference: bool = False) -> Check:
+        """onnxruntime against torch on the family's parity inputs; ``reference``: against the model as given
+        rather than ``graph`` (they differ where the graph was tuned for its quantized export)."""
 
     def min_score(self, quantize: str) -> float | None:
         """The score a quantized graph must reach (None: reported only)."""
@@ -355,12 +356,13 @@ def default_onnx_output(path: Path, quantize: str | None) -> Path:
 
 def _quantize(src: Path, work: Path, quantize: str, block_size: int,
               calibration: list[dict[str, np.ndarray]] | None = None,
-              calibration_mask: str | None = None) -> tuple[Path, list[str]]:
+              calibration_mask: str | None = None,
+              fixed: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> tuple[Path, list[str]]:
     dst = work / f"{quantize}.onnx"
     if quantize in BITS:
         with quiet():
             done = quantize_weights(src, dst, quantize, block_size=block_size, calibration=calibration,
-                                    calibration_mask=calibration_mask)
+                                    calibration_mask=calibration_mask, fixed=fixed)
         return dst, [f"{quantize} weight-only (activations stay float32): " + (", ".join(done) or "no float weight")]
     convert_fp16(src, dst)
     return dst, ["fp16: float16 weights and arithmetic, the inputs' and outputs' types kept"]
@@ -369,9 +371,12 @@ def _quantize(src: Path, work: Path, quantize: str, block_size: int,
 def write_export(family: Family, out: Path, *, quantize: str | None, opset: int, device: str = "auto",
                  threads: int | None = None, latency: tuple[int, ...] = (), tolerance: float | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, decode_at_load: bool = False,
+                 fixed: Mapping[str, Mapping[str, np.ndarray]] | None = None,
                  progress: Callable[[str], None] | None = None) -> Written:
     """Steps 1-5 of the module docstring for one family's graph; ParityError (nothing written) on a failed check.
-    ``decode_at_load``: each compressed table that onnxruntime can fold is written as :class:`DecodedAtLoad`."""
+    ``decode_at_load``: each compressed table that onnxruntime can fold is written as :class:`DecodedAtLoad`.
+    ``fixed``: 4-bit stored tensors chosen beforehand (``export.tune``); the quantized graph is then checked
+    against the family's reference model."""
     say = progress or (lambda _msg: None)
     import onnx
 
@@ -398,13 +403,13 @@ def write_export(family: Family, out: Path, *, quantize: str | None, opset: int,
             feeds = getattr(family, "calibration_feeds", None)  # optional: a family's inputs for GPTQ (int4)
             calibration = feeds() if feeds is not None and quantize == "int4" else None
             final, notes = _quantize(fp32, work, quantize, block_size, calibration,
-                                     getattr(family, "calibration_mask", None))
+                                     getattr(family, "calibration_mask", None), fixed)
             if quantize == "fp16" and used == ["CPUExecutionProvider"]:
                 notes.append("fp16 on the CPU: onnxruntime casts ops lacking a float16 kernel back to float32")
             finish(final, doc, props, quantize)
             say(f"checking the {quantize} graph against torch")
             session = make_session(final, device=device, threads=threads)
-            check = family.check(session)
+            check = family.check(session, reference=True)
             need = family.min_score(quantize)
             if need is not None and not check.score >= need:
                 raise ParityError(f"the {quantize} graph's {family.score_name} to PyTorch is {check.score:.4f}, "

@@ -6,7 +6,10 @@ groups) and traced through the shared pipeline (``onnx.write_export``); each tab
 forward, so a factorized table is a Gather from W_a and a MatMul by W_b, a low-bit table one GatherBlockQuantized.
 Parity: the texts (or a built-in set) in one padded batch and one at a time, on the CPU. The float32 graph must
 reproduce torch's sentence embeddings within ``tolerance`` (1e-4); a quantized graph (``int8``, ``int4``:
-weight-only) is refused when its mean cosine to torch's sentence embeddings falls below ``MIN_COSINE``.
+weight-only) is refused when its mean cosine to torch's sentence embeddings falls below ``MIN_COSINE``. With
+``tune`` steps (int4 only) the layers' 4-bit codes are chosen in torch and their scales, the biases and the norms
+distilled toward the model before it is traced (:mod:`.tune`); the quantized graph is still checked against the
+model as given.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from .. import core, hf, runtime
 from ..checkpoint import check_finite_tensors, check_output
 from ..errors import InputError
 from .onnx import Check, check_decodable, check_options, check_tables, default_onnx_output, write_export
-from .weights import DEFAULT_BLOCK_SIZE
+from .tune import tune_int4
+from .weights import DEFAULT_BLOCK_SIZE, DEFAULT_SCHEME
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUTS = ("last_hidden_state", "sentence_embedding")
@@ -99,6 +103,7 @@ class OnnxExport:
     latency_batch_ms: dict[int, float] = field(default_factory=dict)  # by batch size
     tables: dict[str, str] = field(default_factory=dict)  # each table's method and storage, as in the graph
     notes: list[str] = field(default_factory=list)
+    tune_steps: int = 0  # int4: distillation steps of the layers' scales, biases and norms before the export
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,6 +127,9 @@ def random_texts(tokenizer: Any, count: int, words: int, seed: int = 0) -> list[
     data-free calibration inputs."""
     special = set(tokenizer.all_special_tokens)
     vocab = sorted(t for t in tokenizer.get_vocab() if t not in special and t.strip("#▁Ġ").isalpha())
+    if not vocab:
+        raise InputError("the tokenizer has no alphabetic vocabulary words to make random calibration texts of; "
+                         "give --data with more texts than the 32 parity ones")
     gen = np.random.default_rng(seed)
     return [tokenizer.convert_tokens_to_string([vocab[i] for i in gen.integers(0, len(vocab), words)])
             for _ in range(count)]
@@ -135,8 +143,9 @@ class EncoderFamily:
 
     def __init__(self, model: nn.Module, tokenizer: Any, texts: list[str], source: Path,
                  max_length: int = hf.DEFAULT_MAX_LENGTH, calibration: list[str] | None = None,
-                 calibration_count: int = CALIBRATION_TEXTS) -> None:
+                 calibration_count: int = CALIBRATION_TEXTS, reference: nn.Module | None = None) -> None:
         self.graph = EncoderExport(model, tokenizer, max_length).eval()
+        self.reference = EncoderExport(reference, tokenizer, max_length).eval() if reference is not None else None
         self.model, self.tokenizer, self.texts, self.source, self.max_length = model, tokenizer, texts, source, max_length
         self.calibration, self.calibration_count = calibration, calibration_count
         self.description = "encoder, then the mean of the attended token states"
@@ -153,14 +162,16 @@ class EncoderFamily:
     def _feeds(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return hf.tokenize(self.tokenizer, texts, self.max_length)
 
-    def check(self, session: Any) -> Check:
-        """Largest differences in the token states and sentence embeddings; mean and worst cosine."""
+    def check(self, session: Any, reference: bool = False) -> Check:
+        """Largest differences in the token states and sentence embeddings; mean and worst cosine; against the
+        model as given with ``reference`` (the graph is a tuned copy of it when the export tuned one)."""
+        graph = self.reference if reference and self.reference is not None else self.graph
         d_hidden = d_emb = 0.0
         cosines = []
         for chunk in [self.texts] + [[t] for t in self.texts]:
             enc = self._feeds(chunk)
             with torch.no_grad():
-                hidden, emb = self.graph(enc["input_ids"], enc["attention_mask"])
+                hidden, emb = graph(enc["input_ids"], enc["attention_mask"])
             o_hidden, o_emb = session.run(list(OUTPUTS), {k: enc[k].numpy() for k in INPUTS})
             mask = enc["attention_mask"].bool()
             d_hidden = max(d_hidden, float((torch.from_numpy(o_hidden) - hidden)[mask].abs().max()))
@@ -174,14 +185,20 @@ class EncoderFamily:
 
     calibration_mask = "attention_mask"  # GPTQ's statistics leave the padding of the batches out
 
-    def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
-        """The calibration texts in padded batches of ``CALIBRATION_BATCH``, sorted by length so that little is
-        padded: the texts given, else ``calibration_count`` strings of random vocabulary words (seeded), never the
+    def calibration_texts(self) -> list[str]:
+        """The texts given, else ``calibration_count`` strings of random vocabulary words (seeded), never the
         parity texts."""
-        texts = self.calibration or random_texts(self.tokenizer, self.calibration_count, CALIBRATION_TOKENS)
-        ordered = sorted(texts, key=len)
-        return [{k: v.numpy() for k, v in self._feeds(ordered[i : i + CALIBRATION_BATCH]).items()}
-                for i in range(0, len(ordered), CALIBRATION_BATCH)]
+        return self.calibration or random_texts(self.tokenizer, self.calibration_count, CALIBRATION_TOKENS)
+
+    def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The calibration texts in padded batches of ``CALIBRATION_BATCH``, sorted by length so that little is
+        padded."""
+        ordered = sorted(self.calibration_texts(), key=len)
+        return [self._feeds(ordered[i : i + CALIBRATION_BATCH]) for i in range(0, len(ordered), CALIBRATION_BATCH)]
+
+    def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
+        """:meth:`calibration_batches` as onnxruntime feeds."""
+        return [{k: v.numpy() for k, v in batch.items()} for batch in self.calibration_batches()]
 
     def latency_feeds(self, sizes: tuple[int, ...]) -> dict[int, dict[str, np.ndarray]]:
         out = {}
@@ -209,6 +226,7 @@ def export_encoder(
     block_size: int = DEFAULT_BLOCK_SIZE,
     calibration: int = CALIBRATION_TEXTS,
     decode_at_load: bool = False,
+    tune: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> OnnxExport:
     """Export a Hugging Face encoder to ONNX, check it against torch in onnxruntime, time it, write it atomically.
@@ -217,7 +235,9 @@ def export_encoder(
     keeping their storage or, when float, int8 rows / 4-bit groups). Parity texts: ``texts``, else up to
     ``PARITY_TEXT_LIMIT`` of ``data`` (.txt a line, or JSON Lines), else a built-in set. ``int4`` chooses its codes
     by GPTQ on calibration texts: up to ``calibration`` (default ``CALIBRATION_TEXTS``) of ``data`` after the parity
-    ones, else as many random vocabulary texts (never the parity texts, so the check stays a held-out one). ``tolerance``: the float32
+    ones, else as many random vocabulary texts (never the parity texts, so the check stays a held-out one); with
+    ``tune`` > 0 its layers' scales, biases and norms are then distilled for that many steps on those texts
+    (:mod:`.tune`). ``tolerance``: the float32
     graph's largest sentence-embedding difference (default 1e-4). ``latency``: the median time of one call at
     batch 1 and 64. Raises ParityError, writing nothing, when a check fails.
     """
@@ -226,6 +246,9 @@ def export_encoder(
     check_options(quantize, opset, threads, QUANTIZE_CHOICES, family="a Hugging Face model")
     if calibration < 1:
         raise InputError(f"--calibration must be at least 1 text, got {calibration}")
+    if tune < 0 or (tune and quantize != "int4"):
+        raise InputError(f"--tune {tune}: the steps that tune the int4 layers' scales; it needs --quantize int4 "
+                         "and 0 or more steps")
     if device not in ("auto", "cpu"):
         raise InputError(f"--device {device}: the ONNX export of a Hugging Face model is checked on the CPU (auto or "
                          "cpu)")
@@ -241,16 +264,29 @@ def export_encoder(
     check_tables(model)
     if decode_at_load:
         check_decodable(model)
-    family = EncoderFamily(model, hf.load_tokenizer(src), list(texts or PARITY_TEXTS), src, max_length,
-                           calibration_texts, calibration)
+    tokenizer = hf.load_tokenizer(src)
+    family = EncoderFamily(model, tokenizer, list(texts or PARITY_TEXTS), src, max_length, calibration_texts,
+                           calibration)
+    fixed = None
+    if tune:
+        say = progress or (lambda _msg: None)
+        say("choosing the int4 layers' codes")
+        tuned, fixed = tune_int4(model, tokenizer, family.calibration_texts(), family.calibration_batches(),
+                                 steps=tune, block_size=block_size, scheme=DEFAULT_SCHEME, max_length=max_length,
+                                 on_step=lambda step, total: say(f"tuning the int4 layers: step {step}/{total}"))
+        family = EncoderFamily(tuned, tokenizer, family.texts, src, max_length, calibration_texts, calibration,
+                               reference=model)
     written = write_export(family, out, quantize=quantize, opset=opset, device="cpu", threads=threads,
                            latency=LATENCY_BATCHES if latency else (), tolerance=tolerance, block_size=block_size,
-                           decode_at_load=decode_at_load, progress=progress)
+                           decode_at_load=decode_at_load, fixed=fixed, progress=progress)
+    notes = written.notes + ([f"int4 layers tuned: {len(fixed)} of them with codes chosen in torch, then their "
+                              f"scales and the other float parameters distilled for {tune} steps on "
+                              f"{len(family.calibration_texts())} calibration texts"] if fixed is not None else [])
     check = written.quantized or written.fp32
     return OnnxExport(
         str(src), str(out), written.file_bytes, opset, quantize, check.figures["max_abs_diff_hidden"],
         check.max_abs_diff, check.figures["min_cosine"], len(family.texts), written.latency_ms.get(1),
         time.perf_counter() - start, mean_cosine=check.score, fp32_bytes=written.fp32_file_bytes,
         fp32_max_abs_diff_embedding=written.fp32.max_abs_diff, latency_batch_ms=written.latency_ms,
-        tables=table_formats(model), notes=written.notes,
+        tables=table_formats(model), notes=notes, tune_steps=tune,
     )

@@ -29,8 +29,9 @@ float graph is run on them first and each 4-bit weight's inputs give E[x x^T]; t
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -132,19 +133,29 @@ def _dequantize_weight(g: _Graph, name: str, w: np.ndarray, axis: int) -> None:
     g.counts["int8 per output channel (DequantizeLinear)"] += 1
 
 
+def weight_digest(w_rows: np.ndarray) -> str:
+    """A float32 weight's identity by value (N rows of K inputs, as ``nn.Linear`` holds it): how stored tensors
+    chosen beforehand (``export.tune``) find the ONNX initializer they stand for, whatever the exporter named it."""
+    w = np.ascontiguousarray(w_rows, dtype=np.float32)
+    return hashlib.sha256(repr(w.shape).encode() + w.tobytes()).hexdigest()
+
+
 def _lowbit(w_rows: np.ndarray, bits: int, block_size: int, scheme: str) -> dict[str, np.ndarray]:
     config = LowBitConfig(bits=bits, group_size=block_size, scheme=scheme)
     return {k: v.numpy() for k, v in quantize_lowbit(torch.from_numpy(w_rows), config).items()}
 
 
 def _matmul_nbits(g: _Graph, node: Any, w: np.ndarray, a: str, bias: str | None, bits: int, block_size: int,
-                  scheme: str, hessian: np.ndarray | None = None) -> Any:
+                  scheme: str, hessian: np.ndarray | None = None,
+                  fixed: Mapping[str, np.ndarray] | None = None) -> Any:
     """One MatMulNBits node computing ``a @ w (+ bias)`` from the lowbit codes of w^T (N rows of K values); with
-    ``hessian`` (E[a a^T], K x K) the codes are GPTQ's."""
+    ``hessian`` (E[a a^T], K x K) the codes are GPTQ's; ``fixed``: the stored tensors to write as they are."""
     import onnx
 
     K, N = w.shape
-    if hessian is None:
+    if fixed is not None:
+        stored = dict(fixed)
+    elif hessian is None:
         stored = _lowbit(np.ascontiguousarray(w.T), bits, block_size, scheme)
     else:
         config = LowBitConfig(bits=bits, group_size=block_size, scheme=scheme)
@@ -162,7 +173,7 @@ def _matmul_nbits(g: _Graph, node: Any, w: np.ndarray, a: str, bias: str | None,
         inputs += ["", bias]
     while inputs and inputs[-1] == "":
         inputs.pop()
-    gptq = ", GPTQ" if hessian is not None else ""
+    gptq = ", tuned" if fixed is not None else ", GPTQ" if hessian is not None else ""
     g.counts[f"MatMulNBits ({bits}-bit, blocks of {block_size}, {scheme}{gptq})"] += 1
     return onnx.helper.make_node("MatMulNBits", inputs, list(node.output), name=g.fresh(f"{node.name}_q{bits}"),
                                  domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=block_size)
@@ -275,18 +286,27 @@ def input_moments(model: Any, names: list[str], feeds: Iterable[dict[str, np.nda
 def quantize_weights(src: Path, dst: Path, quantize: str, *, block_size: int = DEFAULT_BLOCK_SIZE,
                      scheme: str = DEFAULT_SCHEME,
                      calibration: Iterable[dict[str, np.ndarray]] | None = None,
-                     calibration_mask: str | None = None) -> list[str]:
+                     calibration_mask: str | None = None,
+                     fixed: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> list[str]:
     """Write ``src`` with its float weights quantized weight-only (``int8`` or ``int4``; see the module docstring)
     to ``dst``; returns one line per kind of weight rewritten, with counts. ``calibration``: the graph's inputs for
     GPTQ's 4-bit codes (None: each weight rounded to its nearest code); ``calibration_mask``: the input marking
-    their padding (see :func:`input_moments`)."""
+    their padding (see :func:`input_moments`). ``fixed``: 4-bit stored tensors chosen beforehand, by
+    :func:`weight_digest` of the weight they stand for (``export.tune``); those weights are written with them."""
     import onnx
 
     bits = BITS[quantize]
     g = _Graph(onnx.load(str(src)))
+    fixed = fixed or {}
+
+    def chosen(node: Any) -> Mapping[str, np.ndarray] | None:
+        nbits = _nbits_weight(g, node, block_size)
+        return fixed.get(weight_digest(nbits[0].T)) if nbits is not None and fixed else None
+
     moments: dict[str, np.ndarray] = {}
     if bits == 4 and calibration is not None:
-        inputs = sorted({node.input[0] for node in g.graph.node if _nbits_weight(g, node, block_size) is not None})
+        inputs = sorted({node.input[0] for node in g.graph.node
+                         if _nbits_weight(g, node, block_size) is not None and chosen(node) is None})
         moments = input_moments(g.model, inputs, calibration, calibration_mask) if inputs else {}
     replace: dict[int, list[Any]] = {}
     done: set[str] = set()
@@ -307,7 +327,7 @@ def quantize_weights(src: Path, dst: Path, quantize: str, *, block_size: int = D
             if nbits is not None:
                 kn, bias = nbits
                 replace[id(node)] = [_matmul_nbits(g, node, kn, node.input[0], bias, bits, block_size, scheme,
-                                                   moments.get(node.input[0]))]
+                                                   moments.get(node.input[0]), chosen(node))]
                 g.drop_if_unread(name, [node])
             else:
                 trans_b = node.op_type == "Gemm" and bool(_attrs(node).get("transB", 0))

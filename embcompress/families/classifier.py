@@ -78,6 +78,9 @@ class ClassifierFamily(Family):
         if options.get("calibration") is not None:
             raise InputError("--calibration is for the int4 export of a Hugging Face encoder (GPTQ calibration "
                              "texts); a classifier's int4 weights are rounded without calibration")
+        if options.get("tune"):
+            raise InputError("--tune is for the int4 export of a Hugging Face encoder (its layers' scales); a "
+                             "classifier's int4 weights are rounded without tuning")
         return export_classifier(path, output, latency=bool(options.get("latency")),
                                  **{k: options[k] for k in keys if k in options})
 

@@ -60,6 +60,8 @@ class TransformersFamily(Family):
         extra = {"max_length": options["max_length"]} if options.get("max_length") else {}
         if options.get("calibration") is not None:
             extra["calibration"] = options["calibration"]
+        if options.get("tune"):
+            extra["tune"] = options["tune"]
         latency = options.get("latency")
         return export_encoder(path, output, latency=True if latency is None else latency,
                               **{k: options[k] for k in keys if k in options}, **extra)

@@ -30,6 +30,7 @@ def export_onnx(
     block_size: int = DEFAULT_BLOCK_SIZE,
     calibration: int | None = None,
     decode_at_load: bool = False,
+    tune: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport | OnnxExport:
     """Export a model to ONNX with its family's graph, checked against torch and written atomically: a classifier
@@ -38,7 +39,8 @@ def export_onnx(
 
     ``quantize``: None, ``int8`` / ``int4`` (weight-only) or ``fp16`` (classifiers). ``latency`` (default: for
     encoders) times the written graph at batch 1 and 64. ``texts``, ``max_length`` and ``tolerance`` are the
-    encoders' (and ``calibration``, the number of GPTQ calibration texts of an int4 encoder); ``fold_projection``
+    encoders' (and ``calibration``, the number of GPTQ calibration texts of an int4 encoder, and ``tune``, the
+    distillation steps of its int4 layers' scales, biases and norms); ``fold_projection``
     the classifiers'. ``decode_at_load``: the compressed tables are decoded by onnxruntime when it loads the file
     (small file, float32 lookup speed and memory; see :class:`~embcompress.export.onnx.DecodedAtLoad`).
     """
@@ -50,4 +52,4 @@ def export_onnx(
         src, out, quantize=quantize, opset=opset, data=data, texts=texts,
         device=device, force=force, threads=threads, fold_projection=fold_projection, max_length=max_length,
         tolerance=tolerance, latency=latency, block_size=block_size, calibration=calibration,
-        decode_at_load=decode_at_load, progress=progress)
+        decode_at_load=decode_at_load, tune=tune, progress=progress)

@@ -79,6 +79,7 @@ def test_model_from_workspace_record(capsys, model: Path, tmp_path: Path) -> Non
         ("quantize", 2, "--quantize must be one of int8, int4, fp16"),
         ("opset", 2, "--opset must be between"),
         ("decode", 2, "--decode-at-load: the model has no compressed table"),
+        ("tune", 2, "--tune is for the int4 export of a Hugging Face encoder"),
     ],
 )
 def test_one_line_errors(capsys, model: Path, dan: Path, dan_file: Path, tmp_path: Path, case: str, code: int,
@@ -92,6 +93,7 @@ def test_one_line_errors(capsys, model: Path, dan: Path, dan_file: Path, tmp_pat
         "quantize": [model, "--quantize", "int2"],
         "opset": [model, "--opset", "99"],
         "decode": [dan, "-o", tmp_path / "x.onnx", "--decode-at-load"],
+        "tune": [dan, "-o", tmp_path / "x.onnx", "--quantize", "int4", "--tune", "5"],
     }[case]
     got, out, err = run(capsys, "export", *args)
     assert got == code and out == ""

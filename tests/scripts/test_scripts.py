@@ -179,6 +179,8 @@ def test_int4_minilm_quick(tmp_path: Path) -> None:
     rows = {r["row"]: r for r in doc["rows"]}
     assert rows["table"]["onnx_bytes"] <= doc["original_file_bytes"] / 8 < rows["original (layers only)"]["onnx_bytes"]
     assert rows["table only (float32 layers)"]["quantize"] == "float32" and rows["table, recovered"]["recovery_steps"]
+    tuned = rows["table, recovered, tuned"]
+    assert tuned["tune_steps"] == 2 and tuned["onnx_bytes"] == rows["table, recovered"]["onnx_bytes"]
     assert all(0 < r["mean_cosine"] <= 1 for r in doc["rows"])
     page = (out / "int4_minilm.md").read_text(encoding="utf-8")
     assert "Where the error comes from" in page and "Best whole model" in page
