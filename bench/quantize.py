@@ -19,7 +19,8 @@ ONNX: each table exported through ``StoredTable`` (lowbit 2/4/8 bits, groups of 
 as their tables' own lowering, each checked against torch in the same run; one onnxruntime CPU session each
 (``intra_op_num_threads`` = ``--threads``, its threads not spinning between calls, so that the sessions of
 the round-robin do not take each other's cores), random ids at batch 1 x 128 and 64 x 128 tokens, runs interleaved
-round-robin across the formats (the batch-1 calls five times as many), median per batch, ratios against float32
+round-robin across the formats (each turn a burst of consecutive calls, ``BURST``, timed together), median per
+batch, ratios against float32
 from the same run. The ``decoded at load`` rows export the same pq, iiq and tiered tables through
 ``export.onnx.DecodedAtLoad`` (``export --decode-at-load``): the file keeps the stored tensors and onnxruntime folds
 the decode into a float32 table when the session starts; each session's start time is reported beside (a decoded
@@ -139,6 +140,13 @@ def zipf_counts(rows: int) -> torch.Tensor:
 
 
 DECODED = ("pq S=4 K=256", "pq S=8 K=256", "iiq 1 bit a dim", "tiered pq S=2/8")  # also timed decoded at load
+# the float32 table again, in a session of its own: what two sessions running the same graph on the same table differ
+# by in this run (the noise floor of a ratio)
+CONTROL = "float32 Gather, second session"
+# consecutive calls a session makes in its turn of the round-robin, timed together (per call): a batch-1 call is tens
+# of microseconds, and a lone call runs on the caches the other sessions' tables just took, which made the same
+# single-Gather graph read 0.96 to 1.35 of float32 at batch 1
+BURST = {1: 20, 64: 2}
 LATENCY_SPECS = (  # (row label, method, structure options, needs counts): each encoded by core.encode_table
     ("pq S=4 K=256", "pq", {"subvector": 4, "centroids": 256}, False),
     ("pq S=8 K=256", "pq", {"subvector": 8, "centroids": 256}, False),
@@ -157,7 +165,8 @@ def latency_models(w: torch.Tensor, only: set[str] | None = None) -> dict[str, t
     from embcompress.methods.base import Context, StoredTable, get
 
     rows, dim = w.shape
-    models: dict[str, torch.nn.Module] = {"float32 Gather": torch.nn.Embedding.from_pretrained(w)}
+    models: dict[str, torch.nn.Module] = {"float32 Gather": torch.nn.Embedding.from_pretrained(w),
+                                          CONTROL: torch.nn.Embedding.from_pretrained(w.clone())}
     for bits in (8, 4, 2):
         if only is None or f"lowbit {bits}-bit" in only:
             config = lb.LowBitConfig(bits=bits, group_size=32)
@@ -210,11 +219,13 @@ def onnx_latency(models: dict[str, torch.nn.Module], threads: int, repeats: int
             assert diffs[n] <= 1e-5 * max(1.0, float(np.abs(want).max())), (n, diffs[n])  # parity with torch
             for _ in range(3):
                 s.run(None, {"ids": ids})
-        for _ in range(repeats * (5 if batch == 1 else 1)):  # a batch-1 call is tens of microseconds
+        burst = BURST[batch]
+        for _ in range(repeats):
             for n, s in sessions.items():
                 t = time.perf_counter()
-                s.run(None, {"ids": ids})
-                times[n].append(time.perf_counter() - t)
+                for _ in range(burst):
+                    s.run(None, {"ids": ids})
+                times[n].append((time.perf_counter() - t) / burst)
         base = statistics.median(times["float32 Gather"])
         for n in sessions:
             m = statistics.median(times[n])
@@ -229,15 +240,21 @@ def pq_target(measured: list[tuple[str, int, float, float, int, float, float]]) 
     if not rows:
         return []
     base = {b: ms for n, b, ms, *_ in measured if n == "float32 Gather"}
+    control = [(b, r) for n, b, ms, r, *_ in measured if n == CONTROL]
+    spread = {b: abs(r - 1.0) for b, r in control}
     out = ["", "Target (issue 16): a product-quantized table's ONNX lookup no slower than the float32 Gather at batch "
            "1 and 64. Stored, each call decodes its rows (two Gathers and an index sum); decoded at load, the graph "
            "onnxruntime runs is the float32 one's single Gather, so what remains is not in the graph."]
+    if control:
+        out.append("- Control: a second session of the float32 graph reads " + ", ".join(
+            f"{r:.2f} at batch {b}" for b, r in control) + ": two sessions of the same graph differ by that much.")
     for name in dict.fromkeys(n for n, *_ in rows):
         ratios = {b: (ms, r) for n, b, ms, r in rows if n == name}
         slow = {b: v for b, v in ratios.items() if round(v[1], 2) > 1.0}  # as the table prints it
-        verdict = "**met**" if not slow else "**missed**: " + "; ".join(
-            f"{v[1] - 1:.0%} slower at batch {b} ({v[0]:.3f} ms a call against {base[b]:.3f})"
-            for b, v in slow.items())
+        noise = slow and all(round(v[1] - 1, 2) <= round(spread.get(b, 0.0), 2) for b, v in slow.items())
+        verdict = "**met**" if not slow else ("**met within the control's spread**: " if noise else "**missed**: ") \
+            + "; ".join(f"{v[1] - 1:.0%} slower at batch {b} ({v[0]:.3f} ms a call against {base[b]:.3f})"
+                        for b, v in slow.items())
         out.append(f"- {name}: " + ", ".join(f"{r:.2f} at batch {b}" for b, (_, r) in ratios.items())
                    + f": {verdict}.")
     return out
@@ -294,7 +311,10 @@ def main() -> None:
               "above 1e-5 of the largest output. `start ms`: creating the session (one measurement; a decoded "
               "session's includes the decode, and it then holds the float32 table, 46.9 MB here). Each session's "
               "threads do not spin between calls (`session.intra_op.allow_spinning` 0): the spinning threads of "
-              "the session just run would take the cores from the next one in the round-robin.", "",
+              "the session just run would take the cores from the next one in the round-robin. Each session's turn "
+              f"is a burst of consecutive calls timed together ({BURST[1]} at batch 1, {BURST[64]} at batch 64): a "
+              "lone batch-1 call ran on caches the other sessions had just filled, and the same single-Gather "
+              "graph read 0.96 to 1.35 of float32.", "",
               "| format | batch x tokens | ms (median) | ratio to float32 Gather | ONNX file bytes | max diff | "
               "start ms |",
               "|---|---|---|---|---|---|---|"]

@@ -284,3 +284,22 @@ def test_pareto_minilm_quick(tmp_path: Path) -> None:
     assert doc["quick"] is True and [r["method"] for r in rows] == ["uncompressed", "svd", "lowbit"]
     assert any(r["pareto"] for r in rows[1:]) and _is_png(tmp_path / "pareto_minilm.png")
     assert "### The Pareto front" in (tmp_path / "pareto_minilm.md").read_text(encoding="utf-8")
+
+
+def test_bench_quantize_pq_target_reads_the_control() -> None:
+    """bench/quantize.py's issue-16 verdict: a pq row slower than float32 by no more than a second session of the
+    float32 graph differs is "within the control's spread", a slower one "missed", a faster one "met"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quantize", ROOT / "bench" / "quantize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    measured = [("float32 Gather", 1, 0.020, 1.00, 0, 0.0, 1.0), (bench.CONTROL, 1, 0.0206, 1.03, 0, 0.0, 1.0),
+                ("pq S=4 K=256, decoded at load", 1, 0.0204, 1.02, 0, 0.0, 1.0),
+                ("pq S=8 K=256, decoded at load", 1, 0.0198, 0.99, 0, 0.0, 1.0),
+                ("pq S=8 K=256", 1, 0.1, 5.00, 0, 0.0, 1.0)]
+    lines = {line.split(":")[0]: line for line in bench.pq_target(measured)}
+    assert "1.03 at batch 1" in lines["- Control"]
+    assert "**met within the control's spread**: 2% slower" in lines["- pq S=4 K=256, decoded at load"]
+    assert lines["- pq S=8 K=256, decoded at load"].endswith("**met**.")
+    assert "**missed**: 400% slower" in lines["- pq S=8 K=256"]
