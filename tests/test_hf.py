@@ -328,11 +328,11 @@ def test_onnx_export_of_a_lowbit_table(lowbit: dict[int, Path], tmp_path: Path, 
     assert (V, 32 * bits // 8) in shapes and (V, 32) not in shapes  # the packed codes, no float table
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])
+@pytest.mark.parametrize("quantize,tune", [(None, 0), ("int4", 0), ("int4", 5)])
 def test_onnx_export_decodes_a_pq_table_at_load(folders: dict[str, Path], tmp_path: Path,
-                                                quantize: str | None) -> None:
-    """--decode-at-load on an encoder: the file keeps the pq codes, parity holds, and the layers' int4 pass leaves
-    the decoded table alone (it is no float initializer)."""
+                                                quantize: str | None, tune: int) -> None:
+    """--decode-at-load on an encoder: the file keeps the pq codes, parity holds, and the layers' int4 pass (tuned
+    or not: tuning also trains the codebooks) leaves the decoded table alone (it is no float initializer)."""
     pytest.importorskip("onnxruntime")
     import onnx
 
@@ -342,8 +342,8 @@ def test_onnx_export_decodes_a_pq_table_at_load(folders: dict[str, Path], tmp_pa
     model = Path(compress(folders["bert"], "pq", options={"subvector": 4, "centroids": 16},
                           output=tmp_path / "pq").output)
     report = export_onnx(model, tmp_path / "m.onnx", texts=TEXTS, threads=1, latency=False, quantize=quantize,
-                         decode_at_load=True)
-    assert report.min_cosine > (0.9999 if quantize is None else 0.95)
+                         decode_at_load=True, tune=tune)
+    assert report.min_cosine > (0.9999 if quantize is None else 0.95) and report.tune_steps == tune
     assert any("decoded at load: 1 table" in note for note in report.notes)
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     assert not any(tuple(t.dims) == (V, 32) for t in graph.initializer)  # no float (or int8) table in the file
