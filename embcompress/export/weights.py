@@ -25,6 +25,8 @@ torch model, although each layer alone keeps 0.99+: the inputs of the attention 
 tens of times larger than the median, and the small errors of many layers add up. Given ``calibration`` feeds, the
 float graph is run on them first and each 4-bit weight's inputs give E[x x^T]; the codes are then chosen by GPTQ
 (``methods.lowbit.quantize_lowbit_gptq``), which keeps ``x @ W`` instead of W. Same layout, same bytes, same kernel.
+Stored tensors chosen and tuned beforehand (``export --tune``, :mod:`.tune`) are passed as ``fixed``, keyed by
+:func:`weight_digest` of the float weight they give; such a weight is written with them as they are.
 """
 
 from __future__ import annotations
