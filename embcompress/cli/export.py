@@ -61,8 +61,8 @@ def export(
                               "lowbit tables (GatherBlockQuantized is decoded at every call).")] = False,
     tune: Annotated[int, typer.Option("--tune", help="int4 of a Hugging Face encoder: after GPTQ fixes the 4-bit "
                     "codes, distil the layers' group scales and the model's other float parameters (biases, norms) "
-                    "toward the model for this many steps on the calibration texts (same bytes; about a second a step on 2 CPU cores for MiniLM). "
-                    "Default: 0 (no tuning).")] = 0,
+                    "toward the model for this many steps on the calibration texts (same bytes; about a second a "
+                    "step on 2 CPU cores for MiniLM). Default: 0 (no tuning).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     json: JsonOpt = False,
 ) -> None:

@@ -186,9 +186,11 @@ class EncoderFamily:
     calibration_mask = "attention_mask"  # GPTQ's statistics leave the padding of the batches out
 
     def calibration_texts(self) -> list[str]:
-        """The texts given, else ``calibration_count`` strings of random vocabulary words (seeded), never the
-        parity texts."""
-        return self.calibration or random_texts(self.tokenizer, self.calibration_count, CALIBRATION_TOKENS)
+        """The texts given, else ``calibration_count`` strings of random vocabulary words (seeded, made once),
+        never the parity texts."""
+        if not self.calibration:
+            self.calibration = random_texts(self.tokenizer, self.calibration_count, CALIBRATION_TOKENS)
+        return self.calibration
 
     def calibration_batches(self) -> list[dict[str, torch.Tensor]]:
         """The calibration texts in padded batches of ``CALIBRATION_BATCH``, sorted by length so that little is
@@ -274,7 +276,7 @@ def export_encoder(
         tuned, fixed = tune_int4(model, tokenizer, family.calibration_texts(), family.calibration_batches(),
                                  steps=tune, block_size=block_size, scheme=DEFAULT_SCHEME, max_length=max_length,
                                  on_step=lambda step, total: say(f"tuning the int4 layers: step {step}/{total}"))
-        family = EncoderFamily(tuned, tokenizer, family.texts, src, max_length, calibration_texts, calibration,
+        family = EncoderFamily(tuned, tokenizer, family.texts, src, max_length, family.calibration_texts(),
                                reference=model)
     written = write_export(family, out, quantize=quantize, opset=opset, device="cpu", threads=threads,
                            latency=LATENCY_BATCHES if latency else (), tolerance=tolerance, block_size=block_size,

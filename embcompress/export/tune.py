@@ -32,7 +32,7 @@ from torch import nn
 
 from ..distill import DistillConfig, distill_model, layer_stack
 from ..errors import InputError
-from ..methods.lowbit import SCALE_SUFFIX, ZERO_SUFFIX, LowBitConfig, quantize_lowbit_gptq, unpack
+from ..methods.lowbit import SCALE_SUFFIX, LowBitConfig, dequantize_lowbit, quantize_lowbit_gptq
 from .weights import weight_digest
 
 # a group's scale is s0 * (1 + GAIN_RATE * gain): the gains move GAIN_RATE times faster, relative to their scale,
@@ -53,16 +53,11 @@ class Int4Linear(nn.Module):
         super().__init__()
         n, k = linear.weight.shape
         self.config, self.in_features, self.out_features = config, k, n
-        nb, width = config.groups(k), config.width(k)
-        q = unpack(stored[""], config.bits, width).to(torch.float32).reshape(n, nb, config.group_size)
-        if ZERO_SUFFIX in stored:
-            z = unpack(stored[ZERO_SUFFIX], 4 if config.bits == 3 else config.bits, nb).to(torch.float32)
-        else:
-            z = torch.full((n, nb), float(1 << (config.bits - 1)))
-        self.register_buffer("steps", q - z.unsqueeze(-1))
+        unit = {**stored, SCALE_SUFFIX: torch.ones_like(stored[SCALE_SUFFIX])}
+        self.register_buffer("steps", dequantize_lowbit(unit, config, (n, k)))  # q - z, exact at unit scale
         self.register_buffer("s0", stored[SCALE_SUFFIX].to(torch.float32))
         self.stored = {k_: v for k_, v in stored.items() if k_ != SCALE_SUFFIX}
-        self.gain = nn.Parameter(torch.zeros(n, nb))
+        self.gain = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = linear.bias
 
     def scales(self) -> torch.Tensor:
@@ -71,8 +66,8 @@ class Int4Linear(nn.Module):
         return s.clamp(min=float(torch.finfo(torch.float16).tiny)).to(torch.float16)
 
     def weight_of(self, scales: torch.Tensor) -> torch.Tensor:
-        w = (self.steps * scales.to(torch.float32).unsqueeze(-1)).reshape(self.out_features, -1)
-        return w[:, : self.in_features]
+        per_input = scales.to(torch.float32).repeat_interleave(self.config.group_size, dim=1)
+        return self.steps * per_input[:, : self.in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight_of(self.s0 * (1.0 + GAIN_RATE * self.gain)), self.bias)
