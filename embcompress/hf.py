@@ -520,9 +520,21 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int = DEFAULT_MAX_LENGTH) -> dict[str, torch.Tensor]:
-    """A padded batch (``input_ids``, ``attention_mask``) of texts, truncated to ``max_length`` tokens."""
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    """A padded batch (``input_ids``, ``attention_mask``) of texts, truncated to ``max_length`` tokens. A tokenizer
+    without a padding token (GPT-2's) is padded on the right with its end-of-text token, or id 0: the attention
+    mask hides the padding, so its id never counts."""
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    rows = tokenizer(list(texts), padding=False, truncation=True, max_length=max_length)["input_ids"]
+    pad = getattr(tokenizer, "eos_token_id", None) or 0
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 @torch.no_grad()

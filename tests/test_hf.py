@@ -12,6 +12,7 @@ import copy
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -267,6 +268,35 @@ def test_onnx_export_parity(folders: dict[str, Path], tmp_path: Path) -> None:
     assert (V, K) in shapes and (V, 32) not in shapes  # the factors, not a dense table
     with pytest.raises(Exception, match="already exists"):
         export_onnx(folders["bert-r50"], tmp_path / "m.onnx")
+
+
+def _no_pad_tokenizer(folder: Path) -> Any:
+    """A GPT-2-style tokenizer: word level, an end-of-text token, no padding token."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab(), unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[SEP]")
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def test_tokenize_pads_a_tokenizer_without_a_pad_token(tmp_path: Path) -> None:
+    tok = _no_pad_tokenizer(tmp_path)
+    assert tok.pad_token is None
+    batch = hf.tokenize(tok, ["the film", "a very bad movie", "this"])
+    assert batch["attention_mask"].sum(1).tolist() == [2, 4, 1]
+    assert batch["input_ids"][2, 1:].tolist() == [tok.eos_token_id] * 3  # padded with end-of-text, masked
+    assert batch["input_ids"][1].tolist() == tok("a very bad movie")["input_ids"]
+
+
+def test_onnx_export_of_a_gpt2_folder_without_a_pad_token(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from embcompress import export_onnx
+
+    folder = tiny_gpt2(tmp_path / "gpt2")
+    _no_pad_tokenizer(folder)
+    report = export_onnx(folder, tmp_path / "g.onnx", texts=TEXTS)
+    assert report.max_abs_diff_embedding < 1e-4 and report.min_cosine > 0.9999
 
 
 def test_cli_export_of_a_folder(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
