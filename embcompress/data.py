@@ -2,8 +2,10 @@
 
 The pipeline is ``read_jsonl`` -> ``Vocab.build`` / ``LabelSet.from_examples`` on the training split ->
 ``EncodedDataset.from_examples`` per split -> batches from ``collate``. ``load_vectors`` fills an embedding table
-from a GloVe text file. Every error a data file can cause is a ``DataError`` whose message starts with
-``FILE:LINE:`` (or ``FILE:`` when no single line is to blame), so a user can jump straight to the culprit.
+from a GloVe text file. ``read_texts`` reads unlabelled texts (``.txt`` or ``.jsonl``) for the commands that need
+no labels (distillation, calibration, token counts). Every error a data file can cause is a ``DataError`` whose
+message starts with ``FILE:LINE:`` (or ``FILE:`` when no single line is to blame), so a user can jump straight to
+the culprit.
 
 Vocabulary and label set serialise to plain JSON (``to_dict``/``from_dict``) because they travel inside checkpoint
 metadata: a model is useless without the exact token -> row mapping it was trained with.
@@ -30,6 +32,7 @@ PAD = "<pad>"
 UNK = "<unk>"
 PAD_ID = 0
 UNK_ID = 1
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # read as JSON Lines; anything else is plain text
 
 Label = int | str
 
@@ -126,6 +129,33 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
 
 # Tokenizer. Alternatives are tried left to right at each position, so order matters.
+def read_texts(path: str | Path, *, limit: int | None = None) -> list[str]:
+    """Texts from ``.jsonl`` (a ``text`` field a line; a label or other keys are ignored) or any other file (one
+    text a line); blank lines are skipped, at most ``limit`` texts are read."""
+    p = Path(path)
+    jsonl = p.suffix in JSONL_SUFFIXES
+    texts: list[str] = []
+    with _open_binary(p, "a text file") as handle:
+        for lineno, line in _decoded_lines(handle, p):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if jsonl:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise DataError(f"{p}:{lineno}: expected a JSON object with a string 'text'")
+                line = obj["text"]
+            texts.append(line)
+            if limit is not None and len(texts) >= limit:
+                break
+    if not texts:
+        raise DataError(f"{p}: holds no texts (an empty file or only blank lines)")
+    return texts
+
+
 _TOKEN_RE = re.compile(
     r"""
       -(?:lrb|rrb|lsb|rsb|lcb|rcb)-            # PTB bracket tokens, as in SST: -lrb- -rrb-
@@ -373,14 +403,16 @@ def encode_examples(
     every sequence has length >= 1 (an LSTM cannot pack an empty sequence, and a mean over nothing is undefined).
     A label unseen in training raises ``DataError`` naming the example's file and line.
     """
+    sequences = encode_texts([ex.text for ex in examples], vocab, max_len=max_len)
+    labels = [label_set.index(ex.label, ex.source) for ex in examples]
+    return EncodedDataset(sequences, labels, label_set)
+
+
+def encode_texts(texts: Sequence[str], vocab: Vocab, *, max_len: int | None = None) -> list[torch.Tensor]:
+    """Token ids of each text (the first ``max_len``; a text with no token becomes ``<unk>``), without labels."""
     if max_len is not None and max_len < 1:
         raise InputError(f"max_len must be at least 1, got {max_len}")
-    sequences, labels = [], []
-    for ex in examples:
-        ids = vocab.encode(tokenize(ex.text))[:max_len] or [UNK_ID]
-        sequences.append(torch.tensor(ids, dtype=torch.long))
-        labels.append(label_set.index(ex.label, ex.source))
-    return EncodedDataset(sequences, labels, label_set)
+    return [torch.tensor(vocab.encode(tokenize(text))[:max_len] or [UNK_ID], dtype=torch.long) for text in texts]
 
 
 def collate(

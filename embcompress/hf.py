@@ -47,6 +47,7 @@ from .checkpoint import (
 from .errors import CheckpointError, DataError, DependencyError, InputError, TableError
 from . import core, record
 from .record import COUNTED_METHODS, METHODS
+from .data import read_texts  # noqa: F401  (hf.read_texts: the texts every encoder command reads)
 from .groupreduce import DEFAULT_BLOCKS, DEFAULT_ROUNDS, group_reduce
 from .modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding, TiedFactorizedLinear
 from .quant import dequantized_state_dict
@@ -607,37 +608,3 @@ def similarity(
     s = embed(student, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     t = embed(teacher, tokenizer, texts, batch_size=batch_size, max_length=max_length)
     return cosine_report(s, t, texts)
-
-
-# --- texts ----------------------------------------------------------------------------------------------------
-
-
-def read_texts(path: str | os.PathLike[str], *, limit: int | None = None) -> list[str]:
-    """Texts from ``.txt`` (one a line; blank lines skipped) or ``.jsonl`` (a ``text`` field a line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
-    jsonl = p.suffix in (".jsonl", ".json", ".ndjson")
-    texts: list[str] = []
-    try:
-        with open(p, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                if jsonl:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise DataError(f"{p}:{lineno}: expected a JSON object with a string 'text'")
-                    line = obj["text"]
-                texts.append(line)
-                if limit is not None and len(texts) >= limit:
-                    break
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not texts:
-        raise DataError(f"{p}: holds no texts (an empty file or only blank lines)")
-    return texts

@@ -10,7 +10,8 @@ label-free distillation on the SST-2 training sentences (``distill.distill_model
 back and scored again. Classifiers (DAN-RAND and LSTM, the settings of ``scripts/sst2_recovery.py``): the
 uncompressed model of each seed is trained, compressed with the same methods at 0.05 and 0.02 of its table's bytes
 and at 2, 3 and 4 bits, scored on SST-2 test; the methods the first seed ranks best on dev, and 2 bits, are then
-fine-tuned (``finetune_classifier``) in every seed.
+fine-tuned (``finetune_classifier``) in every seed, once with the labels and once toward the uncompressed model's
+predictions with the labels unread (``teacher=``, label weight 0).
 
     .venv/bin/python scripts/lowbit_results.py --work /tmp/lowbit_work     # the full run, docs/results
     .venv/bin/python scripts/lowbit_results.py --quick --out /tmp/lb       # a smoke run (tiny subsets, < 1 min)
@@ -407,6 +408,18 @@ def classifier_seed(job: dict[str, Any], name: str, seed: int, chosen: dict[str,
             hit = cache.put(f"s{seed}/{key}/ft", {"after": ft["test_accuracy"], "dev_after": ft["dev_accuracy"],
                                                   "seconds": ft["wall_seconds"]})
         points[key] = {**points[key], **hit}
+        hit = cache.get(f"s{seed}/{key}/distilled")
+        if hit is None:  # the same fine-tuning toward the uncompressed model's predictions, the labels unread
+            src = work / f"{name}.s{seed}.{key.replace('/', '_')}.safetensors"
+            kd = finetune_run(name, src, files, work / f"{name}.s{seed}.{key.replace('/', '_')}.kd.safetensors",
+                              f"{key} distilled, no labels",
+                              train_config(settings, epochs=mcfg["finetune_epochs"], lr=mcfg["finetune_lr"],
+                                           optimizer="adam", schedule="calr", seed=seed),
+                              teacher=dense, label_weight=0.0)
+            hit = cache.put(f"s{seed}/{key}/distilled", {"distilled": kd["test_accuracy"],
+                                                         "dev_distilled": kd["dev_accuracy"],
+                                                         "seconds_distilled": kd["wall_seconds"]})
+        points[key] = {**points[key], **hit}
     runs["points"] = points
     runs["shape"] = list(table_shape(dense))
     return runs
@@ -434,7 +447,7 @@ def summarize_classifier(res: dict[str, Any]) -> dict[str, Any]:
         entry = {"reached": True, "fraction": first["fraction"], "bytes": first["bytes"],
                  "float32_bytes": first["float32_bytes"], "config": first["config"],
                  "storage_config": first["storage_config"]}
-        for stage in ("before", "after"):
+        for stage in ("before", "after", "distilled"):
             values = [s["points"].get(key, {}).get(stage) for s in seeds]
             if all(v is not None for v in values):
                 entry[stage] = stats(values)
@@ -824,10 +837,12 @@ def render_minilm(doc: dict[str, Any]) -> str:
         label = doc["models"][name]["label"]
         lines += [f"### {label}", "",
                   f"Uncompressed: {_pm(s['dense'])} %. Fine-tuned: the first seed's best on dev before fine-tuning "
-                  f"({', '.join(c['finetuned'])}), then the same in every seed.", "",
+                  f"({', '.join(c['finetuned'])}), then the same in every seed: with the labels, and toward the "
+                  "uncompressed model's predictions with the labels unread (`finetune --teacher`, label weight 0).",
+                  "",
                   "| point | chose | table (x float32) | test % | vs uncompressed | test % fine-tuned | "
-                  "vs uncompressed |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "vs uncompressed | test % distilled, no labels | vs uncompressed |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         unreached: dict[str, list[str]] = {}
         for key, e in s["points"].items():
             if not e["reached"]:
@@ -835,7 +850,8 @@ def render_minilm(doc: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {key} | {_chosen(e)} | {e['fraction']:.4f} | {_pm(e.get('before'))} | "
                          f"{_rel(e.get('before_relative'))} | {_pm(e.get('after'))} | "
-                         f"{_rel(e.get('after_relative'))} |")
+                         f"{_rel(e.get('after_relative'))} | {_pm(e.get('distilled'))} | "
+                         f"{_rel(e.get('distilled_relative'))} |")
         if unreached:
             lines += ["", "Not stored (refused by the method, or over the budget):", "", *_refusals(unreached)]
         lines.append("")
@@ -896,13 +912,14 @@ def _classifier_target(doc: dict[str, Any], name: str, c: dict[str, Any]) -> str
     cands = []
     for key, e in s["points"].items():
         if e["reached"] and e["fraction"] <= limit:
-            for stage in ("before", "after"):
+            for stage in ("before", "after", "distilled"):
                 if e.get(f"{stage}_relative"):
                     cands.append((e[f"{stage}_relative"]["mean"], key, stage, e))
     if not cands:
         return f"- {label} at <= {limit:g}: **missed** (nothing measured at that size)."
     rel, key, stage, e = max(cands, key=lambda x: x[0])
-    what = f"{key} {'fine-tuned' if stage == 'after' else 'without fine-tuning'}: {_pm(e[stage])} % " \
+    how = {"before": "without fine-tuning", "after": "fine-tuned", "distilled": "distilled without labels"}[stage]
+    what = f"{key} {how}: {_pm(e[stage])} % " \
            f"({100 * rel:+.2f} % relative) at {e['fraction']:.4f}"
     if rel >= bar:
         return f"- {label} at <= {limit:g} of the table bytes, within 1 % relative accuracy: **met**: {what}."

@@ -69,8 +69,7 @@ def render_training(report: Any, verb: str) -> None:
                         rows))
     before = pct(report.dev_before, 2) if report.dev_before is not None else "-"
     after = pct(report.dev_after, 2) if report.dev_after is not None else "-"
-    kind = "factorized" if report.factorized else "dense"
     best = (f"best epoch {report.best_epoch}" if report.best_epoch != 0
             else "no epoch beat the starting model on dev: it is kept")
     console.print(f"dev accuracy before {before}, after {after} ({best}); "
-                  f"{report.parameters:,} parameters ({kind} table), {report.device}, {report.seconds:.1f} s")
+                  f"{report.parameters:,} parameters ({report.table} table), {report.device}, {report.seconds:.1f} s")

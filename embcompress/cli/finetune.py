@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import families, workspace
+from ..errors import InputError
 from ..checkpoint import default_output
 from ..train.loop import TrainConfig
 from ..train.run import FINETUNE_DEFAULTS, finetune_classifier
@@ -36,6 +37,11 @@ EXAMPLES = """Examples:
   embcompress finetune --data train.jsonl      (the last factorized model and --dev from the workspace record)
 
   embcompress finetune model.r90.safetensors --data train.jsonl --dev dev.jsonl -o model.r90.ft.safetensors --resume
+
+  embcompress finetune model.pq.safetensors --teacher model.safetensors --data train.jsonl --dev dev.jsonl
+      (learn the original classifier's predictions, mixed with the labels)
+
+  embcompress finetune model.pq.safetensors --teacher model.safetensors --data texts.txt --dev dev.jsonl   (no labels)
 
   embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt --dev dev.txt   (no labels)
 
@@ -69,9 +75,16 @@ def finetune(
     json: JsonOpt = False,
     # --- Hugging Face encoders, label-free (embcompress.distill): distil toward the original ---
     teacher: Annotated[Path | None, typer.Option(
-        "--teacher", help="The original Hugging Face model folder: distil MODEL (a factorized HF folder) toward it "
-        "on the --data texts (.txt, one a line, or .jsonl); no labels. --dev texts report the cosine before/after.",
+        "--teacher", help="The original model. A Hugging Face folder: distil MODEL (a compressed HF folder) toward it "
+        "on the --data texts (.txt, one a line, or .jsonl); no labels; --dev texts report the cosine before/after. "
+        "A classifier: MODEL learns its predictions on the --data texts, mixed with their labels (--label-weight).",
         show_default=False)] = None,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", help="[classifier --teacher] Softening of the teacher's predictions (default 2).",
+        show_default=False)] = None,
+    label_weight: Annotated[float | None, typer.Option(
+        "--label-weight", help="[classifier --teacher] The labels' share of the loss, 0 to 1 (default 0.5 with "
+        "JSON Lines, 0 with .txt texts: no labels needed).", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="[--teacher] Steps of the layer phase (default 600).",
                                               show_default=False)] = None,
     layers: Annotated[int | None, typer.Option(
@@ -101,7 +114,12 @@ def finetune(
     if model is None:
         model, _ = workspace.take(None, "model", what="model", commands=("factorize",))
         taken.append(f"model {model}")
-    if teacher is not None:
+    if (temperature is not None or label_weight is not None) and teacher is None:
+        raise InputError("--temperature and --label-weight need a classifier --teacher")
+    distil_classifier = teacher is not None and families.detect(model).measures == families.CLASSIFIER
+    if teacher is not None and not distil_classifier:
+        if temperature is not None or label_weight is not None:
+            raise InputError("--temperature and --label-weight are for a classifier and its classifier --teacher")
         from ._hf import finetune_distill
 
         if data is None:
@@ -129,18 +147,21 @@ def finetune(
     if taken and not json:
         err_console.print("from the workspace record: " + ", ".join(taken))
     out = output or default_output(model, "ft").with_suffix(".safetensors")
+    distil_options = {"temperature": temperature} if temperature is not None else {}
     config = TrainConfig(epochs=epochs or FINETUNE_DEFAULTS["epochs"], batch_size=batch_size or 64,
                          lr=lr or FINETUNE_DEFAULTS["lr"], optimizer=optimizer, schedule=schedule or "calr",
                          weight_decay=weight_decay, seed=seed, device=device)
     report, main_process = run_training(
         lambda on_step, on_epoch: finetune_classifier(model, data, dev, out, config=config, force=force, resume=resume,
-                                                      on_step=on_step, on_epoch=on_epoch),
+                                                      on_step=on_step, on_epoch=on_epoch, teacher=teacher,
+                                                      label_weight=label_weight, **distil_options),
         show=not json,
     )
     if not main_process:
         return
     workspace.record("finetune", options=report.options,
-                     inputs=[("model", model), ("train", data)] + ([("dev", dev)] if dev else []),
+                     inputs=[("model", model), ("train", data)] + ([("dev", dev)] if dev else [])
+                     + ([("teacher", teacher)] if teacher else []),
                      outputs=[("model", Path(report.output))],
                      figures={"dev_before": report.dev_before, "dev_after": report.dev_after})
     if json:

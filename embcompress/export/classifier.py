@@ -56,8 +56,8 @@ from torch import nn
 from .. import runtime
 from ..checkpoint import check_finite_tensors, check_output
 from ..classifier import Classifier, load_classifier
-from ..data import PAD_ID, UNK_ID, _decoded_lines, _open_binary, collate, tokenize
-from ..errors import DataError, InputError, OutputError
+from ..data import PAD_ID, UNK_ID, collate, read_texts, tokenize
+from ..errors import InputError, OutputError
 from ..methods.base import Table
 from ..models import DAN, LSTMClassifier
 from ..modules import FACTORIZED, FactorizedEmbedding, GroupedFactorizedEmbedding
@@ -320,26 +320,6 @@ def export_module(model: nn.Module, *, fold: bool = True) -> tuple[nn.Module, st
 # --- reading the parity texts -----------------------------------------------------------------------------------
 
 
-def read_texts(path: str | os.PathLike[str], limit: int = MAX_PARITY_TEXTS) -> list[str]:
-    """Up to ``limit`` texts from JSON Lines (``{"text": ...}`` a line; a label or other keys are ignored)."""
-    path = Path(path)
-    texts: list[str] = []
-    with _open_binary(path, "a JSON Lines file") as handle:
-        for lineno, line in _decoded_lines(handle, path):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a string 'text'")
-            texts.append(obj["text"])
-            if len(texts) >= limit:
-                break
-    if not texts:
-        raise DataError(f"{path}: holds no texts (an empty file or only blank lines)")
-    return texts
 
 
 def parity_batches(
@@ -471,7 +451,7 @@ def export_classifier(
     clf.model.eval()
     for param in clf.model.parameters():  # float32 weights; a stored table's buffers (fp16 scales ...) stay as stored
         param.data = param.data.float()
-    texts = read_texts(data) if data is not None else None
+    texts = read_texts(data, limit=MAX_PARITY_TEXTS) if data is not None else None
     weight_bytes = sum(t.numel() * t.element_size() for t in clf.model.state_dict().values())
     if weight_bytes > MAX_ONNX_BYTES:
         raise InputError(f"{src}: {weight_bytes / 1e9:.1f} GB of weights is beyond what one ONNX file holds (2 GB, "

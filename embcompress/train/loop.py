@@ -1,6 +1,8 @@
 """Classifier training: ``fit`` (train, pick the best epoch on dev, resume) and ``evaluate`` (accuracy, F1, speed).
 
-``fit`` trains a classifier that forwards as ``model(ids, lengths) -> logits`` with cross-entropy: it is the
+``fit`` trains a classifier that forwards as ``model(ids, lengths) -> logits`` with cross-entropy, or, given a
+``Distillation`` (a teacher's logits for every training example), toward the teacher's softened predictions mixed
+with the labels (Hinton et al., 2015), which needs no labels at all when the label weight is 0: it is the
 classification objective of the one recovery loop, ``embcompress.recover.loop.run``, which steps the learning-rate
 schedule once per iteration, evaluates dev accuracy after every epoch and keeps the best epoch's weights. It is used
 for the first training and for the paper's "online" re-training of a factorized model alike.
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import EncodedDataset, collate, iter_batches
@@ -45,9 +47,9 @@ from ..recover.loop import (
 )
 
 __all__ = [
-    "AMP_MODES", "OPTIMIZERS", "STATE_VERSION", "ClassMetrics", "EpochRecord", "EvalResult", "FitResult",
-    "TrainConfig", "cleanup_distributed", "evaluate", "fit", "init_distributed_from_env", "is_distributed",
-    "is_main_process", "make_optimizer", "resolve_device", "seed_everything",
+    "AMP_MODES", "OPTIMIZERS", "STATE_VERSION", "ClassMetrics", "Distillation", "EpochRecord", "EvalResult",
+    "FitResult", "TrainConfig", "cleanup_distributed", "evaluate", "fit", "init_distributed_from_env",
+    "is_distributed", "is_main_process", "make_optimizer", "predict_logits", "resolve_device", "seed_everything",
 ]  # fmt: skip
 
 
@@ -81,6 +83,72 @@ class EvalResult:
         if not predictions:
             del out["predictions"]
         return out
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """What ``fit`` trains toward instead of the labels alone: ``logits`` (N x C, a teacher's outputs for the N
+    training examples in order, from ``predict_logits``) softened at ``temperature``, mixed with the labels'
+    cross-entropy at ``label_weight`` (0: the labels are never read, so they may be placeholders)."""
+
+    logits: torch.Tensor
+    temperature: float = 2.0
+    label_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.check(self.temperature, self.label_weight)
+
+    @staticmethod
+    def check(temperature: float, label_weight: float) -> None:
+        """Raise ``InputError`` for settings that cannot work (callers check before reading any data)."""
+        if not temperature > 0:
+            raise InputError(f"temperature must be positive, got {temperature}")
+        if not 0.0 <= label_weight <= 1.0:
+            raise InputError(f"label weight must be in [0, 1], got {label_weight}")
+
+    def loss(self, logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(1 - w) T^2 KL(teacher || student) at temperature T, plus w times the labels' cross-entropy; ``rows``
+        are the batch's example indices into ``self.logits``."""
+        t = self.temperature
+        target = F.softmax(self.logits.to(logits.device)[rows].float() / t, dim=-1)
+        soft = F.kl_div(F.log_softmax(logits / t, dim=-1), target, reduction="batchmean") * t * t
+        if self.label_weight == 0:
+            return soft
+        return (1 - self.label_weight) * soft + self.label_weight * F.cross_entropy(logits, labels)
+
+    def signature(self) -> dict:
+        """What a resumed run must share with the run that made its state."""
+        return {"temperature": self.temperature, "label_weight": self.label_weight}
+
+
+class _Indexed(Dataset):
+    """A dataset whose items carry their own index as the label, so a batch knows its rows of the soft targets."""
+
+    def __init__(self, ds: EncodedDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.ds.sequences[index], index
+
+
+def predict_logits(
+    model: nn.Module, ds: EncodedDataset, device: torch.device | str, batch_size: int = 512, *,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """The model's logits for every example of ``ds``, in order, in eval mode, on the CPU (float32)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = [model(b.to(device).ids, b.lengths).float().cpu() for b in iter_batches(ds, batch_size,
+                                                                                         max_len=max_len)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def evaluate(
@@ -155,6 +223,7 @@ def fit(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     state: dict | None = None,
     start_dev_accuracy: float | None = None,
+    distillation: Distillation | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.epochs`` epochs, keep the best-on-dev weights, and return them with a resume state.
 
@@ -166,16 +235,21 @@ def fit(
     into ``model`` before returning (ties keep the earlier epoch). ``start_dev_accuracy`` (the dev accuracy of the
     weights as given) makes the starting point a candidate, epoch 0: fine-tuning then never returns weights that
     are worse on dev than the ones it started from. A compressed table trains only what its method allows
-    (``recover.loop.recoverable_parameters``), and one kept in a storage stays in it.
+    (``recover.loop.recoverable_parameters``), and one kept in a storage stays in it. ``distillation`` trains
+    toward a teacher's logits for ``train_ds`` (see ``Distillation``) instead of the labels alone.
     """
     config.validate()
     if len(train_ds) == 0:
         raise InputError("the training set is empty")
+    if distillation is not None and distillation.logits.shape[0] != len(train_ds):
+        raise InputError(f"{distillation.logits.shape[0]} teacher predictions for {len(train_ds)} training examples")
+    labels = torch.tensor(train_ds.labels, dtype=torch.long)
     device = resolve_device(config.device)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
+    source = train_ds if distillation is None else _Indexed(train_ds)
+    sampler = DistributedSampler(source, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     loader = DataLoader(
-        train_ds,
+        source,
         batch_size=config.batch_size,
         sampler=sampler,
         collate_fn=partial(collate, max_len=config.max_len),
@@ -188,12 +262,16 @@ def fit(
             yield batch.to(device, non_blocking=True), len(batch)
 
     def loss(batch) -> torch.Tensor:
-        return F.cross_entropy(model(batch.ids, batch.lengths).float(), batch.labels)
+        logits = model(batch.ids, batch.lengths).float()
+        if distillation is None:
+            return F.cross_entropy(logits, batch.labels)
+        return distillation.loss(logits, batch.labels, labels.to(logits.device)[batch.labels])
 
     def score() -> tuple[float, float]:
         result = evaluate(model, dev_ds, device, config.eval_batch_size, max_len=config.max_len)
         return result.accuracy, result.macro_f1
 
+    signature = {"train_size": len(train_ds), **(distillation.signature() if distillation else {})}
     return run(model, loss, batches, len(loader), config, score=score if dev_ds is not None else None,
-               signature={"train_size": len(train_ds)}, on_step=on_step, on_epoch=on_epoch, state=state,
+               signature=signature, on_step=on_step, on_epoch=on_epoch, state=state,
                start_score=start_dev_accuracy)

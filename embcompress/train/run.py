@@ -18,17 +18,28 @@ from typing import Any
 
 import torch
 
+from .. import core
 from ..checkpoint import check_finite_tensors, check_output
 from ..classifier import Classifier, load_classifier, num_parameters, save_classifier
-from ..data import LabelSet, Vocab, load_vectors, read_jsonl
-from ..errors import Interrupted
+from ..data import JSONL_SUFFIXES, EncodedDataset, LabelSet, Vocab, encode_texts, load_vectors, read_jsonl, read_texts
+from ..errors import InputError, Interrupted
 from ..models import build_model, init_embedding
 from ..modules import compress_embeddings, factorized_shapes
 from ..recover.resume import load_resume as _load_resume
 from ..recover.resume import resume_path
 from ..recover.resume import save_resume as _save_resume
 from ..recover.resume import saved_epoch as _saved_epoch
-from .loop import EpochRecord, EvalResult, TrainConfig, evaluate, fit, is_main_process, resolve_device
+from .loop import (
+    Distillation,
+    EpochRecord,
+    EvalResult,
+    TrainConfig,
+    evaluate,
+    fit,
+    is_main_process,
+    predict_logits,
+    resolve_device,
+)
 
 # Fine-tuning a factorized model starts from trained weights: a gentler peak rate and fewer epochs than training.
 FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 2e-3}
@@ -49,6 +60,7 @@ class TrainReport:
     seconds: float
     resumed_from_epoch: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    table: str = "dense"  # how the embedding table is kept: dense, factorized, or its method (pq, lowbit, ...)
 
 
 @dataclass
@@ -78,8 +90,10 @@ def _fit_and_save(
     options: dict[str, Any],
     on_step: Callable[[int, int, int, float], None] | None,
     on_epoch: Callable[[EpochRecord], None] | None,
+    train_ds: EncodedDataset | None = None,
+    distillation: Distillation | None = None,
 ) -> TrainReport:
-    train_ds = clf.encode(read_jsonl(train_path), config.max_len)
+    train_ds = train_ds if train_ds is not None else clf.encode(read_jsonl(train_path), config.max_len)
     dev_ds = clf.encode(read_jsonl(dev_path), config.max_len) if dev_path is not None else None
     state = _load_resume(resume_path(output)) if resume else None
     done = int(state.get("epoch", 0)) if state else 0
@@ -101,7 +115,7 @@ def _fit_and_save(
 
     try:
         result = fit(clf.model, train_ds, dev_ds, config, on_step=on_step, on_epoch=epoch_done, state=state,
-                     start_dev_accuracy=dev_before if phase == "finetune" else None)
+                     start_dev_accuracy=dev_before if phase == "finetune" else None, distillation=distillation)
         clf.history = clf.history + [{"phase": phase, **r.to_dict()} for r in result.history]
         if is_main_process():
             save_classifier(clf, output, inputs=inputs, force=force, op=phase, options=options)
@@ -113,7 +127,13 @@ def _fit_and_save(
         raise Interrupted("interrupted; nothing written") from None
     return TrainReport(str(output), [r.to_dict() for r in result.history], result.best_epoch, dev_before,
                        result.best_dev_accuracy, num_parameters(clf.model), clf.is_factorized, result.device,
-                       result.seconds, done, options)
+                       result.seconds, done, options, _table_kind(clf))
+
+
+def _table_kind(clf: Classifier) -> str:
+    """How the classifier keeps its embedding table, for the report."""
+    names = sorted({getattr(t, "spec_name", None) or t.method for t in core.tables_of(clf.model).values()})
+    return "+".join(names) if names else "factorized" if clf.is_factorized else "dense"
 
 
 def train_classifier(
@@ -183,22 +203,64 @@ def finetune_classifier(
     resume: bool = False,
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    teacher: str | os.PathLike[str] | None = None,
+    temperature: float = 2.0,
+    label_weight: float | None = None,
 ) -> TrainReport:
     """Continue training a (factorized or any) classifier; factorized tables keep their shapes, so the model stays
     small. Reports dev accuracy before and after. With a dev set the starting model competes as epoch 0: when no
-    epoch beats it on dev, it is what gets written."""
+    epoch beats it on dev, it is what gets written.
+
+    With ``teacher`` (a classifier with the same labels, typically the uncompressed original) the model learns the
+    teacher's predictions on the training texts, softened at ``temperature``, mixed with the labels at
+    ``label_weight``: 0.5 by default for labelled JSON Lines, 0 for plain texts (``.txt``, one a line), which then
+    need no labels. The teacher reads the texts with its own vocabulary, so a trimmed model can learn from its
+    original."""
     config = config or TrainConfig(**FINETUNE_DEFAULTS)
     config.validate()
     src, train_path, out = Path(model_path), Path(train_path), Path(output)
     dev = Path(dev_path) if dev_path is not None else None
-    inputs = [src, train_path] + ([dev] if dev else [])
+    inputs = [src, train_path] + ([dev] if dev else []) + ([Path(teacher)] if teacher is not None else [])
     check_output(out, inputs, force=force or resume)
+    weight = _label_weight(train_path, label_weight) if teacher is not None else None
     clf = load_classifier(src)
     check_finite_tensors(clf.model.state_dict().items(), action="fine-tune it")
+    train_ds = distillation = None
+    if teacher is not None:
+        Distillation.check(temperature, weight)
+        teach = load_classifier(teacher)
+        check_finite_tensors(teach.model.state_dict().items(), action="learn from it")
+        if teach.labels != clf.labels:
+            raise InputError(f"{teacher}: the teacher's labels {teach.labels.labels} differ from the model's "
+                             f"{clf.labels.labels}; a teacher must predict the same classes")
+        if weight > 0:
+            examples = read_jsonl(train_path)
+            train_ds, texts = clf.encode(examples, config.max_len), [ex.text for ex in examples]
+        else:
+            texts = read_texts(train_path)
+            train_ds = EncodedDataset(encode_texts(texts, clf.vocab, max_len=config.max_len), [0] * len(texts),
+                                      clf.labels)
+        device = resolve_device(config.device)
+        seen = EncodedDataset(encode_texts(texts, teach.vocab, max_len=config.max_len), [0] * len(texts))
+        logits = predict_logits(teach.model.to(device), seen, device, config.eval_batch_size)
+        distillation = Distillation(logits, temperature, weight)
     options = {"model": str(src), "train": str(train_path), "dev": str(dev) if dev else None, **config.to_dict()}
+    if teacher is not None:
+        options.update(teacher=str(teacher), temperature=temperature, label_weight=weight)
     clf.train = {**clf.train, "finetune": options}
     return _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume, resume=resume,
-                         phase="finetune", options=options, on_step=on_step, on_epoch=on_epoch)
+                         phase="finetune", options=options, on_step=on_step, on_epoch=on_epoch, train_ds=train_ds,
+                         distillation=distillation)
+
+
+def _label_weight(train_path: Path, weight: float | None) -> float:
+    """The labels' share in distillation: 0.5 by default for JSON Lines, 0 (and only 0) for plain texts."""
+    if train_path.suffix in JSONL_SUFFIXES:
+        return 0.5 if weight is None else weight
+    if weight:
+        raise InputError(f"{train_path}: plain texts carry no labels; give JSON Lines with labels for a label weight "
+                         f"of {weight}, or leave it out")
+    return 0.0
 
 
 def evaluate_classifier(

@@ -73,3 +73,34 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, data) -> None:
     assert report["dev_after"] is not None
     assert (tmp_path / "ddp.safetensors").exists()
     assert not list(tmp_path.glob("*.resume.pt"))
+
+
+def test_finetune_with_a_classifier_teacher(capsys, tmp_path: Path, data) -> None:
+    train, dev = data
+    assert main(["train", "--data", str(train), "--dev", str(dev), "-o", "m.safetensors", *FAST]) == 0
+    assert main(["factorize", "m.safetensors", "--reduction", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "m.r50.safetensors", "--teacher", "m.safetensors", "--data", str(train), "--epochs", "1",
+                 "--batch-size", "16", "--device", "cpu", "--temperature", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"]["temperature"] == 3.0 and report["options"]["label_weight"] == 0.5
+    assert main(["history", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["entries"][-1]
+    assert entry["command"] == "finetune" and any(i["role"] == "teacher" for i in entry["inputs"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--label-weight", "0.3"], "need a classifier --teacher"),
+        (["--teacher", "m.safetensors", "--label-weight", "2"], "label weight must be in [0, 1]"),
+    ],
+)
+def test_finetune_teacher_options_are_one_line(capsys, tmp_path: Path, data, args: list[str], message: str) -> None:
+    train, _ = data
+    assert main(["train", "--data", str(train), "-o", "m.safetensors", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "m.safetensors", "--data", str(train), "-o", "ft.safetensors", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "ft.safetensors").exists()

@@ -217,6 +217,9 @@ def test_lowbit_results_quick(tmp_path: Path) -> None:
             if e["reached"] and "/" in key:
                 assert e["bytes"] <= float(key.split("/")[0]) * e["float32_bytes"]
                 assert 0 <= e["before"]["mean"] <= 1
+        for key in c["finetuned"]:  # fine-tuned with the labels, and distilled from the dense model without them
+            assert 0 <= c["summary"]["points"][key]["after"]["mean"] <= 1
+            assert 0 <= c["summary"]["points"][key]["distilled"]["mean"] <= 1
     pages = {p: (out / f"{p}.md").read_text(encoding="utf-8") for p in ("lowbit", "lowbit_minilm")}
     assert "## Targets (issue 16)" in pages["lowbit_minilm"] and "## Targets (issue 15)" in pages["lowbit"]
     _run(str(SCRIPTS / "lowbit_results.py"), "--render-only", "--out", str(out), timeout=60)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from embcompress.data import EncodedDataset, LabelSet
 from embcompress.errors import InputError
 from embcompress.models import DAN, LSTMClassifier
 from embcompress.modules import FactorizedEmbedding
+from embcompress.train.loop import Distillation
 from embcompress.train import (
     TrainConfig,
     evaluate,
@@ -222,3 +224,16 @@ def test_not_distributed_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed_from_env() is False
     assert is_main_process()
+
+
+def test_distillation_loss() -> None:
+    teacher = torch.tensor([[2.0, -1.0], [0.5, 0.0], [-3.0, 1.0]])
+    rows, labels = torch.tensor([2, 0]), torch.tensor([1, 1])
+    soft = Distillation(teacher, temperature=2.0)
+    assert soft.loss(teacher[rows], rows, labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert soft.loss(teacher[[0, 2]], rows, labels).item() > 0.1  # rows point at the other examples' targets
+    hard = Distillation(teacher, label_weight=1.0)
+    logits = torch.randn(2, 2)
+    assert hard.loss(logits, rows, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item())
+    with pytest.raises(InputError, match="temperature"):
+        Distillation(teacher, temperature=-1.0)

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,52 @@ def test_finetune_keeps_the_starting_model_when_no_epoch_beats_it(tmp_path: Path
     assert ft.best_epoch == 0 and ft.dev_after == ft.dev_before
     before, after = load_classifier(report.output).model.state_dict(), load_classifier(ft.output).model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _agreement(a: Path | str, b: Path | str, data: Path) -> float:
+    pa = evaluate_classifier(a, data, device="cpu").result.predictions
+    pb = evaluate_classifier(b, data, device="cpu").result.predictions
+    return sum(x == y for x, y in zip(pa, pb)) / len(pa)
+
+
+def test_finetune_with_a_teacher_learns_its_predictions_with_or_without_labels(tmp_path: Path, data) -> None:
+    train, dev = data
+    teacher = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=16,
+                               config=TrainConfig(epochs=8, **FAST)).output
+    small = factorize(teacher, rank=1).output
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(json.loads(line)["text"] + "\n" for line in train.read_text().splitlines()))
+    before = _agreement(small, teacher, train)
+    mixed = finetune_classifier(small, train, dev, tmp_path / "mixed.safetensors", teacher=teacher,
+                                config=TrainConfig(epochs=6, **FAST))
+    free = finetune_classifier(small, texts, None, tmp_path / "free.safetensors", teacher=teacher,
+                               config=TrainConfig(epochs=6, **FAST))
+    assert mixed.options["label_weight"] == 0.5 and mixed.options["teacher"] == str(teacher)
+    assert free.options["label_weight"] == 0.0 and free.options["temperature"] == 2.0
+    assert mixed.dev_after >= mixed.dev_before
+    # trained on the teacher's predictions alone, the model agrees with it more than before
+    assert _agreement(free.output, teacher, train) > before + 0.05
+    assert isinstance(load_classifier(free.output).model.embedding, FactorizedEmbedding)
+
+
+def test_finetune_teacher_refusals_write_nothing(tmp_path: Path, data) -> None:
+    train, dev = data
+    teacher = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=8,
+                               config=TrainConfig(epochs=1, **FAST)).output
+    other = write_sentiment_jsonl(tmp_path / "other.jsonl", 40)
+    other.write_text(other.read_text().replace('"pos"', '"positive"'))
+    stranger = train_classifier(other, None, tmp_path / "o.safetensors", embed_dim=8,
+                                config=TrainConfig(epochs=1, **FAST)).output
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good film\nbad film\n")
+    out = tmp_path / "ft.safetensors"
+    cases = [
+        (dict(teacher=stranger), train, "differ from the model's"),
+        (dict(teacher=teacher, label_weight=0.5), texts, "plain texts carry no labels"),
+        (dict(teacher=teacher, label_weight=1.5), train, "label weight must be in"),
+        (dict(teacher=teacher, temperature=0.0), train, "temperature must be positive"),
+    ]
+    for kwargs, data_path, message in cases:
+        with pytest.raises(InputError, match=message):
+            finetune_classifier(teacher, data_path, None, out, config=TrainConfig(epochs=1, **FAST), **kwargs)
+        assert not out.exists() and not resume_path(out).exists()
