@@ -48,6 +48,7 @@ from .classifier import load_classifier
 from .data import read_jsonl
 from .distill import DistillConfig, distill_model
 from .errors import DataError, DependencyError, EmbcompressError, InputError
+from .export.onnx import folds_at_load
 from .methods.base import STORAGE, STRUCTURE, Table, registered
 from .ops.compress import parse_budget
 from .tables import find_embeddings
@@ -90,6 +91,8 @@ class Row:
     relative_change: float | None = None
     reduction: float | None = None
     latency_ms: dict[int, float | None] = field(default_factory=dict)
+    # the same export with --decode-at-load, for a row whose tables onnxruntime can decode when it loads the graph
+    latency_decoded_ms: dict[int, float | None] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     onnx: str | None = None
@@ -105,7 +108,8 @@ class Row:
         return self.file_bytes or 0
 
     def to_dict(self) -> dict[str, Any]:
-        out = {**asdict(self), "latency_ms": {str(k): v for k, v in self.latency_ms.items()}}
+        out = {**asdict(self), "latency_ms": {str(k): v for k, v in self.latency_ms.items()},
+               "latency_decoded_ms": {str(k): v for k, v in self.latency_decoded_ms.items()}}
         out.pop("cache_key")
         return out
 
@@ -317,15 +321,23 @@ class _Family:
         """The parity inputs of the latency export."""
         raise NotImplementedError
 
-    def latency(self, model: nn.Module, work: Path, threads: int | None) -> dict[int, float | None]:
-        """onnxruntime latency of ``model``: written as its family writes it, exported by its family's graph."""
+    def latency(self, model: nn.Module, work: Path, threads: int | None) -> tuple[dict[int, float | None],
+                                                                                   dict[int, float | None]]:
+        """onnxruntime latency of ``model``, written as its family writes it and exported by its family's graph: as
+        ``export`` writes it, and, when some table of it can be decoded when the graph loads, as ``export
+        --decode-at-load`` writes it (else an empty dict)."""
         adapter = families.detect(self.src)
         path = work / self.saved_as
         adapter.save_model(model, path, like=self.src, force=True)
-        report = adapter.export_onnx(path, work / "model.onnx", threads=threads, device="cpu", force=True,
-                                     latency=True, **self.export_options())
-        by_batch = getattr(report, "latency_batch_ms", None) or report.latency_ms
-        return dict(by_batch) if isinstance(by_batch, dict) else {1: by_batch}
+
+        def timed(name: str, **options: Any) -> dict[int, float | None]:
+            report = adapter.export_onnx(path, work / name, threads=threads, device="cpu", force=True, latency=True,
+                                         **self.export_options(), **options)
+            by_batch = getattr(report, "latency_batch_ms", None) or report.latency_ms
+            return dict(by_batch) if isinstance(by_batch, dict) else {1: by_batch}
+
+        folds = any(folds_at_load(t) for t in core.tables_of(model).values())
+        return timed("model.onnx"), timed("decoded.onnx", decode_at_load=True) if folds else {}
 
 
 class _Encoder(_Family):
@@ -822,7 +834,7 @@ def time_front(result: SweepResult, family: _Family, near: Path, threads: int | 
         model = rebuild(result.cache, row, family, tables, counts)
         try:
             with temporary_folder(near / "latency") as work:
-                row.latency_ms = family.latency(model, Path(work), threads)
+                row.latency_ms, row.latency_decoded_ms = family.latency(model, Path(work), threads)
         except (EmbcompressError, DependencyError) as e:
             row.note = (row.note + "; " if row.note else "") + f"no ONNX latency: {str(e).splitlines()[0]}"
 
@@ -830,8 +842,8 @@ def time_front(result: SweepResult, family: _Family, near: Path, threads: int | 
 # --- rendering ------------------------------------------------------------------------------------------------
 
 CSV_COLUMNS = ("method", "budget", "table_bytes", "file_bytes", "quality", "quality_stderr", "cosine_worst",
-               "cosine_p05", "probe", "recovered", "pareto", "fits", "latency_ms_b1", "latency_ms_b64", "options",
-               "note")
+               "cosine_p05", "probe", "recovered", "pareto", "fits", "latency_ms_b1", "latency_ms_b64",
+               "latency_decoded_ms_b1", "latency_decoded_ms_b64", "options", "note")
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -848,7 +860,8 @@ def to_csv(result: SweepResult) -> str:
         w.writerow([r.method, _fmt(r.budget), r.table_bytes or "", r.file_bytes or "", _fmt(r.quality, 6),
                     _fmt(r.quality_stderr, 6), _fmt(cos.get("worst"), 6), _fmt(cos.get("p05"), 6),
                     _fmt(r.probe), r.recovered, r.pareto, r.fits, _fmt(r.latency_ms.get(1), 3),
-                    _fmt(r.latency_ms.get(64), 3), json.dumps(r.options, sort_keys=True), r.note])
+                    _fmt(r.latency_ms.get(64), 3), _fmt(r.latency_decoded_ms.get(1), 3),
+                    _fmt(r.latency_decoded_ms.get(64), 3), json.dumps(r.options, sort_keys=True), r.note])
     return buf.getvalue()
 
 
@@ -877,7 +890,9 @@ def to_markdown(result: SweepResult, *, title: str | None = None) -> str:
     else:
         head += ["vs original"]
     timed = any(r.latency_ms for r in result.rows)
-    head += (["ms b=1"] if timed else []) + ["front", "options / note"]
+    decoded = any(r.latency_decoded_ms for r in result.rows)
+    head += (["ms b=1"] if timed else []) + (["ms b=1, decoded at load"] if decoded else []) + ["front",
+                                                                                               "options / note"]
 
     def cells(r: Row) -> list[str]:
         if not r.fits:
@@ -893,6 +908,8 @@ def to_markdown(result: SweepResult, *, title: str | None = None) -> str:
             c += [f"{100 * (r.relative_change or 0):+.2f} %"]
         if timed:
             c += [_fmt(r.latency_ms.get(1), 2) or "-"]
+        if decoded:
+            c += [_fmt(r.latency_decoded_ms.get(1), 2) or "-"]
         opts = ", ".join(f"{k}={v}" for k, v in r.options.items())
         return c + ["**yes**" if r.pareto else "", "; ".join(x for x in (opts, r.note) if x)]
 

@@ -143,15 +143,18 @@ def compare(
 def _render(result: SweepResult, out: Path, latency: bool) -> None:
     enc = result.family == families.ENCODER
     rows = []
+    decoded = latency and any(r.latency_decoded_ms for r in result.front())
     for r in result.front():
-        lat = r.latency_ms.get(1)
+        lat, dec = r.latency_ms.get(1), r.latency_decoded_ms.get(1)
         rows.append([r.method + (" (recovered)" if r.recovered else ""), f"{r.budget:.3f}" if r.budget else "-",
                      human_bytes(r.table_bytes or 0), f"{(r.table_bytes or 0) / result.float32_bytes:.4f}",
                      human_bytes(r.file_bytes or 0), f"{r.quality:.4f}",
                      f"{r.cosine['worst']:.4f}" if enc and r.cosine else "-",
-                     *([f"{lat:.2f}" if lat is not None else "-"] if latency else []), r.note])
+                     *([f"{lat:.2f}" if lat is not None else "-"] if latency else []),
+                     *([f"{dec:.2f}" if dec is not None else "-"] if decoded else []), r.note])
     head = ["method", "budget", "tables", "x float32", "file", "cosine" if enc else "accuracy",
-            "worst" if enc else "-", *(["ms b=1"] if latency else []), "note"]
+            "worst" if enc else "-", *(["ms b=1"] if latency else []), *(["decoded at load"] if decoded else []),
+            "note"]
     console.print(table(f"Pareto front of {result.model} on {result.data} ({result.settings['texts']} texts)", head,
                         rows))
     misfits = sum(1 for r in result.rows if not r.fits)
@@ -160,4 +163,5 @@ def _render(result: SweepResult, out: Path, latency: bool) -> None:
                   f"{out / 'compare.md'} (and .csv, .json, .png; progress in compare.log); {result.seconds:.0f} s")
     if latency:
         console.print("latency: the front's rows exported to ONNX, onnxruntime on the CPU, median of one-sentence "
-                      "calls")
+                      "calls" + ("; decoded at load: the same with export --decode-at-load (the table decoded into "
+                                 "float32 when the session starts)" if decoded else ""))
