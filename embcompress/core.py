@@ -148,14 +148,22 @@ def spec_for_budget(method: str, rows: int, dim: int, budget: int, options: Mapp
     if group and "multiple" in {f.name for f in dataclasses.fields(structure.config)}:
         options.setdefault("multiple", group)
     inner = min(int(budget / _storage_ratio(storage_config, rows, dim)), 4 * rows * dim - 1)
+    least: tuple[int, Config] | None = None
     for _ in range(200):  # shrink the structure's share until its tensors, so stored, fit
         config = structure.config.for_budget(rows, dim, inner, **options)
         shapes = config.planned_shapes(rows, dim)
         extra = config.extra_bytes(rows, dim, storage_config)
-        if shapes is None or sum(storage_config.stored_bytes(*_as_2d(s)) for s in shapes.values()) + extra <= budget:
+        if shapes is None:
             return Spec(structure, config, storage, storage_config)
+        stored = sum(storage_config.stored_bytes(*_as_2d(s)) for s in shapes.values()) + extra
+        if stored <= budget:
+            return Spec(structure, config, storage, storage_config)
+        least = min(least, (stored, config), key=lambda x: x[0]) if least else (stored, config)
         inner = int(inner * 0.99)
-    raise base.BudgetError(f"{method} cannot be sized to {budget} bytes")
+    assert least is not None
+    chose = ", ".join(f"{k} {getattr(least[1], k)}" for k in structure.budget_options if hasattr(least[1], k))
+    raise base.BudgetError(f"{method} cannot be sized to {budget} bytes for a {rows} x {dim} table: the smallest "
+                           f"sizing tried ({chose}) stores {least[0]} bytes")
 
 
 def _as_2d(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -18,6 +18,7 @@ predictions with the labels unread (``teacher=``, label weight 0).
     .venv/bin/python scripts/lowbit_results.py --render-only               # re-render the pages from their JSON
     .venv/bin/python scripts/lowbit_results.py --only classifiers --work /tmp/lowbit_clf   # re-measure DAN and LSTM
     .venv/bin/python scripts/lowbit_results.py --only minilm-recovery --recover-steps 1200 --rows tiered@0.05,pq@0.03
+    .venv/bin/python scripts/lowbit_results.py --only minilm-refusals    # ask the refused MiniLM rows again
 
 ``--work`` keeps every measured point in a cache there, so a stopped run continues where it was. ``--only
 classifiers`` runs the classifier part alone (DAN-RAND and LSTM in two processes) and keeps the MiniLM figures of
@@ -26,6 +27,9 @@ which run each part comes from. ``--only minilm-recovery`` re-runs the recovery 
 (``method@budget``) with ``--recover-steps`` steps and keeps every other figure of ``--out``/lowbit_minilm.json: each
 row is encoded again as the full run encodes it, its no-training cosine re-measured and checked against the JSON's
 (1e-4), recovered, scored, and stored beside the figures of its earlier recovery; only the MiniLM page is rewritten.
+``--only minilm-refusals`` asks every MiniLM row the JSON records as refused again of the current code: a row now
+stored is measured as the full run measures it (without recovery), one still refused gets today's reason; every
+other figure is kept and the page says so. A refusal is never taken from the ``--work`` cache: it is asked again.
 """
 
 from __future__ import annotations
@@ -242,7 +246,7 @@ def minilm_job(job: dict[str, Any]) -> dict[str, Any]:
     def measure(key: str, method: str, budget: float | None, opts: dict[str, Any]) -> dict[str, Any]:
         key = f"n{len(test_t)}/{key}"
         hit = cache.get(key)
-        if hit is not None:
+        if hit is not None and hit.get("reached") is not False:  # a refusal is asked again: the code may take it now
             return hit
         if time.time() > job["deadline"]:
             return {"reached": None, "why": "not run: past the run's time limit"}
@@ -368,7 +372,7 @@ def classifier_seed(job: dict[str, Any], name: str, seed: int, chosen: dict[str,
     def measure(key: str, method: str, budget: float | None, opts: dict[str, Any]) -> dict[str, Any]:
         hit = cache.get(f"s{seed}/{key}")
         path = work / f"{name}.s{seed}.{key.replace('/', '_')}.safetensors"
-        if hit is not None and (hit.get("reached") is False or path.is_file()):
+        if hit is not None and hit.get("reached") and path.is_file():  # a refusal is asked again (it is cheap)
             return hit
         if budget is not None:
             why = reachable(method, *table_shape(dense), budget)
@@ -473,13 +477,42 @@ def settings_for(quick: bool, steps: int) -> dict[str, Any]:
             "recover_top": 1 if quick else RECOVER_TOP}
 
 
+def minilm_refusals_job(job: dict[str, Any]) -> dict[str, Any]:
+    """The MiniLM rows the kept run could not store, asked again of the current code: each refused again (with
+    today's reason) or encoded, read back and scored as the full run scores it."""
+    env, out = minilm_env(job), {}
+    V, d = env["teacher"].get_input_embeddings().weight.shape
+    folder = Path(job["work"]) / "minilm-model.refusals"
+    for key in job["rows"]:
+        budget, method = key.split("/", 1)
+        why = reachable(method, V, d, float(budget))
+        if why:
+            out[key] = {"reached": False, "why": why}
+            continue
+        started = time.perf_counter()
+        try:
+            res = compress(env["original"], method, budget=float(budget), storage_options=storage_options(method),
+                           corpus=env["train_file"], output=folder, force=True)
+        except InputError as e:
+            out[key] = {"reached": False, "why": str(e)}
+            continue
+        model = hf.load(folder, task="base")
+        out[key] = {"reached": True, **_table(res), **_cos(hf.embed(model, env["tok"], env["test_t"]), env["ref"],
+                                                          env["test_t"]), "seconds": time.perf_counter() - started}
+        log(f"MiniLM {key} (refused by the kept run): {out[key]['fraction']:.4f} of float32, cosine "
+            f"{out[key]['mean']:.4f}")
+    return {"job": "minilm-refusals", "result": out}
+
+
 def run_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     if job["model"] == "minilm-recovery":
         return [minilm_recovery_job(job)]
+    if job["model"] == "minilm-refusals":
+        return [minilm_refusals_job(job)]
     return [minilm_job(job)] if job["model"] == "minilm" else classifier_job(job)
 
 
-PARTS = ("all", "classifiers", "minilm-recovery")
+PARTS = ("all", "classifiers", "minilm-recovery", "minilm-refusals")
 REMEASURE_TOLERANCE = 1e-4  # a row encoded again must score its kept no-training cosine within this
 
 
@@ -511,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=PARTS, default="all",
                     help="classifiers: run DAN-RAND and LSTM only (one process each) and keep the MiniLM figures of "
                          "--out/lowbit_minilm.json; minilm-recovery: re-run the recovery of the --rows of "
-                         "--out/lowbit_minilm.json with --recover-steps steps and keep every other figure")
+                         "--out/lowbit_minilm.json with --recover-steps steps and keep every other figure; "
+                         "minilm-refusals: ask the refused MiniLM rows of --out/lowbit_minilm.json again")
     ap.add_argument("--rows", default="", help="with --only minilm-recovery: MiniLM rows as method@budget, "
                                                "comma-separated (e.g. tiered@0.05,pq@0.03)")
     ap.add_argument("--quick", action="store_true", help="tiny subsets, one seed, a few steps (a smoke run)")
@@ -526,9 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick and args.out.resolve() == DEFAULT_OUT.resolve():
         ap.error("--quick needs --out (it must not overwrite docs/results)")
-    if args.only == "minilm-recovery":
+    if args.only in ("minilm-recovery", "minilm-refusals"):
         try:
-            return rerun_recovery(args)
+            return rerun_recovery(args) if args.only == "minilm-recovery" else recheck_refusals(args)
         except InputError as e:
             raise SystemExit(f"error: {e}") from None
     kept = kept_minilm(args.out) if args.only == "classifiers" else None
@@ -651,6 +685,51 @@ def rerun_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def recheck_refusals(args: argparse.Namespace) -> int:
+    """``--only minilm-refusals``: every MiniLM budget row the kept run refused, asked again of the current code (one
+    process); a row now stored takes its measured figures, one still refused its current reason; every other
+    figure, and the recovery plan, kept."""
+    src = args.out / "lowbit_minilm.json"
+    if not src.is_file():
+        raise InputError(f"--only minilm-refusals keeps the figures of {src}, which does not exist")
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    rows = [f"{b}/{m}" for b, row in doc["minilm"]["budgets"].items() for m, r in row.items()
+            if r.get("reached") is False]
+    if not rows:
+        raise InputError(f"{src} has no refused MiniLM row")
+    settings = settings_for(args.quick, args.steps)
+    if not args.quick and doc["minilm_settings"]["test_sentences"] != settings["test_limit"]:
+        raise InputError(f"the kept run scored {doc['minilm_settings']['test_sentences']} sentences, this one would "
+                         f"score {settings['test_limit']}")
+    started = time.perf_counter()
+    date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    machine = {**machine_info(), "torch_threads": settings["threads"]}
+    tmp = tempfile.mkdtemp(prefix="lowbit_")
+    work = args.work or Path(tmp)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        files = data_files(settings, Path(tmp))
+        job = {"model": "minilm-refusals", "rows": rows, "settings": settings, "work": str(work), "threads": 2,
+               "files": {**{k: str(v) for k, v in files.items()}, "train_texts": str(files["train"])}}
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            result = pool.map(run_job, [job])[0][0]["result"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for key, rec in result.items():
+        budget, method = key.split("/", 1)
+        doc["minilm"]["budgets"][budget][method] = {**rec, "rechecked": date}
+    doc["minilm"].setdefault("rechecks", []).append(
+        {"date_utc": date, "wall_seconds": time.perf_counter() - started, "rows": rows, "quick": args.quick,
+         "stored": [k for k, r in result.items() if r["reached"]], "git_commit": machine.get("git_commit"),
+         "git_dirty": machine.get("git_dirty")})
+    src.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    (args.out / "lowbit_minilm.md").write_text(render_minilm(doc), encoding="utf-8")
+    PLOT["lowbit_minilm"](doc, args.out / "lowbit_minilm.png")
+    log(f"wrote {args.out}/lowbit_minilm.md in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
 # --- pages -----------------------------------------------------------------------------------------------------
 
 
@@ -700,7 +779,7 @@ def _header(doc: dict[str, Any], title: str) -> list[str]:
             f"training sentences (no labels), layer phase: the table and the first {ms['layers']} layer(s), "
             f"{ms['steps']} steps of {ms['batch_size']} texts, lr {ms['lr']:g}; the result saved and read back "
             "before scoring (a storage re-applied on save). A table kept in a storage alone (dense+lowbit, int8) "
-            "has no trainable tensors: recovery then trains the layers only." + _reruns(doc),
+            "has no trainable tensors: recovery then trains the layers only." + _reruns(doc) + _rechecks(doc),
             "- SST-2 classifiers: DAN-RAND and LSTM as `scripts/sst2_recovery.py` trains them, seeds "
             + _seeds(doc) + "; test accuracy % as mean ± std over seeds, and "
             "relative to the uncompressed model of the same seed. Fine-tuning: "
@@ -742,14 +821,28 @@ def _reruns(doc: dict[str, Any]) -> str:
     """The rows whose recovery was run again with more steps (``--only minilm-recovery``), and those runs."""
     runs = doc["minilm"].get("reruns") or []
     return "".join(
-        f" Recovered again with {r['steps']} steps by `--only minilm-recovery` on {r['date_utc']} (UTC, "
+        f" Recovered with {r['steps']} steps by `--only minilm-recovery` on {r['date_utc']} (UTC, "
         f"{r['wall_seconds'] / 60:.1f} min, one process per row, commit `{(r.get('git_commit') or 'unknown')[:12]}`"
         + (" with uncommitted changes" if r.get("git_dirty") else "") + "): "
         + ", ".join(f"{k.split('/', 1)[1]} at {float(k.split('/')[0]):g}" for k in r["rows"])
         + "; each encoded again as the full run encodes it (" + _remeasured(doc, r["rows"])
-        + "), and its earlier recovery's figures kept in its row."
+        + "), and its earlier recovery's figures, where it had one, kept in its row."
         + (" **Quick smoke run: the figures mean nothing.**" if r.get("quick") else "")
         for r in runs)
+
+
+def _rechecks(doc: dict[str, Any]) -> str:
+    """The refused rows asked again of later code (``--only minilm-refusals``), and what came of it."""
+    return "".join(
+        f" The {len(r['rows'])} rows this run refused were asked again by `--only minilm-refusals` on "
+        f"{r['date_utc']} (UTC, {r['wall_seconds'] / 60:.1f} min, commit `{(r.get('git_commit') or 'unknown')[:12]}`"
+        + (" with uncommitted changes" if r.get("git_dirty") else "") + "): "
+        + (", ".join(f"{k.split('/', 1)[1]} at {float(k.split('/')[0]):g}" for k in r["stored"]) + " now stored "
+           "and measured as the full run measures a row (not recovered: the recovery plan is the full run's); "
+           if r["stored"] else "none is stored by that code; ")
+        + "the refusals shown give that code's reasons."
+        + (" **Quick smoke run: the figures mean nothing.**" if r.get("quick") else "")
+        for r in doc["minilm"].get("rechecks") or [])
 
 
 def _remeasured(doc: dict[str, Any], rows: list[str]) -> str:

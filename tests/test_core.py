@@ -83,6 +83,14 @@ def test_spec_for_budget_fits() -> None:
         core.spec_for_budget("svd", 1000, 64, 4 * 1000 * 64)
 
 
+def test_a_combination_that_cannot_fit_says_what_its_smallest_sizing_stores() -> None:
+    """groupreduce+lowbit pads each block's rank to a group of 32: at rank 1 a 14816 x 50 table's left factors
+    alone take 20 bytes a row, over a budget of 10."""
+    with pytest.raises(BudgetError, match=r"the smallest sizing tried \(rank 1\) stores (\d+) bytes") as e:
+        core.spec_for_budget("groupreduce+lowbit", 14816, 50, 148160)
+    assert int(str(e.value).split(" stores ")[1].split()[0]) > 20 * 14816
+
+
 @pytest.mark.parametrize("text,match", [("nope", "unknown method"), ("int8+svd", "structure comes first"),
                                         ("svd+int8+fp16", "structure, a storage"), ("dense", "changes nothing"),
                                         ("int8+fp16", "one storage")])
