@@ -638,13 +638,43 @@ def chosen_rows(doc: dict[str, Any], rows: str) -> list[str]:
     return keys
 
 
+def _kept_doc(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The MiniLM page's JSON in ``--out`` that an ``--only minilm-...`` run updates."""
+    src = args.out / "lowbit_minilm.json"
+    if not src.is_file():
+        raise InputError(f"--only {args.only} keeps the figures of {src}, which does not exist")
+    return src, json.loads(src.read_text(encoding="utf-8"))
+
+
+def _run_minilm_jobs(args: argparse.Namespace, settings: dict[str, Any], jobs: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+    """The jobs, each in its own process (two at a time), with the work folder and the data files filled in."""
+    tmp = tempfile.mkdtemp(prefix="lowbit_")
+    work = args.work or Path(tmp)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        files = data_files(settings, Path(tmp))
+        paths = {**{k: str(v) for k, v in files.items()}, "train_texts": str(files["train"])}
+        jobs = [{**job, "work": str(work), "files": paths} for job in jobs]
+        with multiprocessing.get_context("spawn").Pool(min(2, len(jobs))) as pool:
+            return [r for rs in pool.map(run_job, jobs, chunksize=1) for r in rs]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_minilm(args: argparse.Namespace, src: Path, doc: dict[str, Any], started: float) -> None:
+    """The updated JSON written, read back and rendered to the MiniLM page and plot."""
+    src.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    (args.out / "lowbit_minilm.md").write_text(render_minilm(doc), encoding="utf-8")
+    PLOT["lowbit_minilm"](doc, args.out / "lowbit_minilm.png")
+    log(f"wrote {args.out}/lowbit_minilm.md in {(time.perf_counter() - started) / 60:.1f} min")
+
+
 def rerun_recovery(args: argparse.Namespace) -> int:
     """``--only minilm-recovery``: the chosen rows recovered again with ``args.steps`` steps (one process per row, two
     at a time), their new figures stored over the old with the old kept in ``earlier``; every other figure kept."""
-    src = args.out / "lowbit_minilm.json"
-    if not src.is_file():
-        raise InputError(f"--only minilm-recovery keeps the figures of {src}, which does not exist")
-    doc = json.loads(src.read_text(encoding="utf-8"))
+    src, doc = _kept_doc(args)
     keys = chosen_rows(doc, args.rows)
     settings = settings_for(args.quick, args.steps)
     kept_settings = {k: v for k, v in doc["minilm_settings"].items() if k not in ("test_sentences", "recovery_texts")}
@@ -654,20 +684,10 @@ def rerun_recovery(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     machine = {**machine_info(), "torch_threads": settings["threads"]}
-    tmp = tempfile.mkdtemp(prefix="lowbit_")
-    work = args.work or Path(tmp)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        files = data_files(settings, Path(tmp))
-        jobs = [{"model": "minilm-recovery", "row": key, "kept": doc["minilm"]["budgets"][key.split("/")[0]][
-                    key.split("/", 1)[1]], "compare": compare, "settings": settings, "work": str(work),
-                 "threads": settings["threads"],
-                 "files": {**{k: str(v) for k, v in files.items()}, "train_texts": str(files["train"])}}
-                for key in keys]
-        with multiprocessing.get_context("spawn").Pool(min(2, len(jobs))) as pool:
-            results = [r for rs in pool.map(run_job, jobs, chunksize=1) for r in rs]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    jobs = [{"model": "minilm-recovery", "row": key, "kept": doc["minilm"]["budgets"][key.split("/")[0]][
+                key.split("/", 1)[1]], "compare": compare, "settings": settings, "threads": settings["threads"]}
+            for key in keys]
+    results = _run_minilm_jobs(args, settings, jobs)
     recovered = doc["minilm"]["recovered"]
     for r in results:
         old = recovered.get(r["row"])
@@ -677,11 +697,7 @@ def rerun_recovery(args: argparse.Namespace) -> int:
     doc["minilm"].setdefault("reruns", []).append(
         {"date_utc": date, "wall_seconds": time.perf_counter() - started, "steps": args.steps, "rows": keys,
          "quick": args.quick, "git_commit": machine.get("git_commit"), "git_dirty": machine.get("git_dirty")})
-    src.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    doc = json.loads(src.read_text(encoding="utf-8"))
-    (args.out / "lowbit_minilm.md").write_text(render_minilm(doc), encoding="utf-8")
-    PLOT["lowbit_minilm"](doc, args.out / "lowbit_minilm.png")
-    log(f"wrote {args.out}/lowbit_minilm.md in {(time.perf_counter() - started) / 60:.1f} min")
+    _write_minilm(args, src, doc, started)
     return 0
 
 
@@ -689,10 +705,7 @@ def recheck_refusals(args: argparse.Namespace) -> int:
     """``--only minilm-refusals``: every MiniLM budget row the kept run refused, asked again of the current code (one
     process); a row now stored takes its measured figures, one still refused its current reason; every other
     figure, and the recovery plan, kept."""
-    src = args.out / "lowbit_minilm.json"
-    if not src.is_file():
-        raise InputError(f"--only minilm-refusals keeps the figures of {src}, which does not exist")
-    doc = json.loads(src.read_text(encoding="utf-8"))
+    src, doc = _kept_doc(args)
     rows = [f"{b}/{m}" for b, row in doc["minilm"]["budgets"].items() for m, r in row.items()
             if r.get("reached") is False]
     if not rows:
@@ -704,17 +717,8 @@ def recheck_refusals(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     machine = {**machine_info(), "torch_threads": settings["threads"]}
-    tmp = tempfile.mkdtemp(prefix="lowbit_")
-    work = args.work or Path(tmp)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        files = data_files(settings, Path(tmp))
-        job = {"model": "minilm-refusals", "rows": rows, "settings": settings, "work": str(work), "threads": 2,
-               "files": {**{k: str(v) for k, v in files.items()}, "train_texts": str(files["train"])}}
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            result = pool.map(run_job, [job])[0][0]["result"]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    job = {"model": "minilm-refusals", "rows": rows, "settings": settings, "threads": 2}
+    result = _run_minilm_jobs(args, settings, [job])[0]["result"]
     for key, rec in result.items():
         budget, method = key.split("/", 1)
         doc["minilm"]["budgets"][budget][method] = {**rec, "rechecked": date}
@@ -722,11 +726,7 @@ def recheck_refusals(args: argparse.Namespace) -> int:
         {"date_utc": date, "wall_seconds": time.perf_counter() - started, "rows": rows, "quick": args.quick,
          "stored": [k for k, r in result.items() if r["reached"]], "git_commit": machine.get("git_commit"),
          "git_dirty": machine.get("git_dirty")})
-    src.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    doc = json.loads(src.read_text(encoding="utf-8"))
-    (args.out / "lowbit_minilm.md").write_text(render_minilm(doc), encoding="utf-8")
-    PLOT["lowbit_minilm"](doc, args.out / "lowbit_minilm.png")
-    log(f"wrote {args.out}/lowbit_minilm.md in {(time.perf_counter() - started) / 60:.1f} min")
+    _write_minilm(args, src, doc, started)
     return 0
 
 
