@@ -26,6 +26,8 @@ EXAMPLES = """Examples:
 
   embcompress compress ./all-MiniLM-L6-v2 --method pq --budget 2MB -o ./minilm-pq
 
+  embcompress compress ./all-MiniLM-L6-v2 --method pq --subvector 4 --centroids 256 --corpus texts.txt
+
   embcompress compress dan.safetensors --method svd+int8 --budget 0.05
 
   embcompress compress dan.safetensors --method groupreduce --budget 0.1 --corpus train.jsonl --json
@@ -48,6 +50,10 @@ def compress(
                       show_default=False)] = None,
     options: Annotated[list[str] | None, typer.Option("--set", help="A method option, name=value (repeatable): "
                        "rank=64, bits=2, group_size=32, subvector=4, centroids=256 ...", show_default=False)] = None,
+    subvector: Annotated[int | None, typer.Option("--subvector", help="pq: dims a code stands for (the same as "
+                         "--set subvector=S; it must divide the table's width).", show_default=False)] = None,
+    centroids: Annotated[int | None, typer.Option("--centroids", help="pq: centroids per subspace, at most 256 "
+                         "and the table's rows (the same as --set centroids=K).", show_default=False)] = None,
     tables: TablesOpt = None,
     counts: Annotated[Path | None, typer.Option("--counts", help="Token counts (one 'token count' or 'id count' "
                       "a line) for methods that weight by frequency.", show_default=False)] = None,
@@ -78,6 +84,8 @@ def compress(
     if method == AUTO:
         _auto(path, budget, data, min_quality, methods, corpus, output, force, device, json)
         return
+    options = [*(options or []), *(f"{k}={v}" for k, v in (("subvector", subvector), ("centroids", centroids))
+                                   if v is not None)]
     s_opts, t_opts = core.split_options(method, options)
     for part in method.split("+"):
         if part.strip() and part.strip() != "dense":
