@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import CheckpointError, InputError, TableError
 from .methods import base
-from .methods.base import STORAGE, STRUCTURE, Config, Context, Method, StoredTable, Table, TiedLinear
+from .methods.base import STORAGE, STRUCTURE, CodeTraining, Config, Context, Method, StoredTable, Table, TiedLinear
 
 DENSE = "dense"
 RECORD_VERSION = 2
@@ -521,6 +521,39 @@ def tables_of(model: nn.Module) -> dict[str, Table]:
             seen.update(id(m) for m in mod.modules())  # a table's own parts (tiers) are not tables of the model
             out[name] = mod
     return out
+
+
+def train_codes_(model: nn.Module, starts: Mapping[str, torch.Tensor] | None = None,
+                 counts: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+    """Swap each compressed table of ``model`` whose method stores codes for its ``CodeTraining`` module (a float
+    copy of the table, from ``starts[name]`` where given, read through its nearest codes, ``counts[name]`` the
+    rows' token counts where given); the names swapped.
+    A table that a tied output layer or a second name also reads is left as it is (one copy could not serve both).
+    ``settle_codes_`` puts the tables back."""
+    uses: dict[int, int] = {}
+    for m in model.modules():
+        for t in [m.tied_to] if isinstance(m, TiedLinear) else []:
+            uses[id(t)] = uses.get(id(t), 0) + 1
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    names = []
+    for name, table in tables_of(model).items():
+        if uses.get(id(table), 0) > 1:
+            continue
+        module = table.code_training((starts or {}).get(name), (counts or {}).get(name))
+        if module is not None:
+            _set_module(model, name, module)
+            names.append(name)
+    return names
+
+
+def settle_codes_(model: nn.Module, keep: Mapping[str, Table] | None = None) -> list[str]:
+    """Each ``CodeTraining`` module of ``model`` replaced by its table, codes re-assigned (or by ``keep[name]``,
+    the table it was made from, where given); the names replaced."""
+    names = [name for name, m in model.named_modules() if isinstance(m, CodeTraining)]
+    for name in names:
+        _set_module(model, name, (keep or {}).get(name) or model.get_submodule(name).table())
+    return names
 
 
 def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:

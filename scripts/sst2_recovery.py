@@ -237,10 +237,11 @@ def train_run(name: str, mcfg: dict[str, Any], settings: dict[str, Any], files: 
 
 
 def finetune_run(name: str, src: Path, files: dict[str, Path], out: Path, kind: str,
-                 config: TrainConfig, teacher: Path | None = None, label_weight: float | None = None) -> dict[str, Any]:
+                 config: TrainConfig, teacher: Path | None = None, label_weight: float | None = None,
+                 reassign_codes: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     report = finetune_classifier(src, files["train"], files["dev"], out, config=config, force=True, teacher=teacher,
-                                 label_weight=label_weight)
+                                 label_weight=label_weight, reassign_codes=reassign_codes)
     test = evaluate(out, files["test"])
     wall = time.perf_counter() - t0
     rec = run_record(kind, report, config, wall, test)

@@ -9,6 +9,7 @@ from torch import nn
 from embcompress import core
 from embcompress.errors import InputError
 from embcompress.methods import BudgetError, StoredTable, TiedLinear
+from embcompress.methods.base import CodeTraining
 
 
 class TinyLM(nn.Module):
@@ -186,3 +187,34 @@ def test_a_trained_tensor_is_stored_from_its_new_values() -> None:
     after = core.table_tensors(fitted)
     assert not torch.equal(before["weight_b"], after["weight_b"])
     assert torch.equal(before["weight_a"], after["weight_a"])
+
+
+class Untied(TinyLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(32, 400)
+
+
+def test_code_training_swaps_pq_tables_and_settles_them_back() -> None:
+    model = Untied()
+    core.compress_(model, core.make_spec("pq", {"subvector": 4, "centroids": 16, "iterations": 4}))
+    first = model.emb
+    assert core.train_codes_(model) == ["emb"] and isinstance(model.emb, CodeTraining)
+    model(IDS).sum().backward()
+    assert model.emb.weight.grad is not None
+    assert core.settle_codes_(model) == ["emb"]
+    assert type(model.emb) is type(first) and model.emb is not first
+    assert {k: v.shape for k, v in model.emb.tensors().items()} == {k: v.shape for k, v in first.tensors().items()}
+    core.train_codes_(model)
+    kept = model.emb.table()
+    core.settle_codes_(model, keep={"emb": kept})  # the table it came from, where recovery did not win
+    assert model.emb is kept
+
+
+def test_code_training_leaves_tied_and_codeless_tables_alone() -> None:
+    tied = TinyLM()
+    core.compress_(tied, core.make_spec("pq", {"subvector": 4, "centroids": 16, "iterations": 4}))
+    assert core.train_codes_(tied) == [] and not isinstance(tied.emb, CodeTraining)
+    low = Untied()
+    core.compress_(low, core.make_spec("svd", {"rank": 8}))
+    assert core.train_codes_(low) == [] and core.settle_codes_(low) == []

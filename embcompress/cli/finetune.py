@@ -43,6 +43,9 @@ EXAMPLES = """Examples:
 
   embcompress finetune model.pq.safetensors --teacher model.safetensors --data texts.txt --dev dev.jsonl   (no labels)
 
+  embcompress finetune lstm.pq.safetensors --teacher lstm.safetensors --data train.jsonl --reassign-codes
+  --epochs 24 --lr 2e-3 --schedule warmup-cosine     (the pq codes are trained too; same bytes)
+
   embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt --dev dev.txt   (no labels)
 
   embcompress finetune minilm-r90 --teacher all-MiniLM-L6-v2 --data texts.txt --steps 1200 --vocab-steps 600
@@ -82,6 +85,10 @@ def finetune(
     temperature: Annotated[float | None, typer.Option(
         "--temperature", help="[classifier --teacher] Softening of the teacher's predictions (default 2).",
         show_default=False)] = None,
+    reassign_codes: Annotated[bool, typer.Option(
+        "--reassign-codes", help="[classifier] Train the codes of a product-quantized (pq) table too: a float copy "
+        "of the table (the --teacher's, else the decoded one) is trained, each row read through its nearest codes, "
+        "the codebooks re-fitted as it goes; the file keeps its bytes.")] = False,
     label_weight: Annotated[float | None, typer.Option(
         "--label-weight", help="[classifier --teacher] The labels' share of the loss, 0 to 1 (default 0.5 with "
         "JSON Lines, 0 with .txt texts: no labels needed).", show_default=False)] = None,
@@ -118,8 +125,8 @@ def finetune(
         raise InputError("--temperature and --label-weight need a classifier --teacher")
     distil_classifier = teacher is not None and families.detect(model).measures == families.CLASSIFIER
     if teacher is not None and not distil_classifier:
-        if temperature is not None or label_weight is not None:
-            raise InputError("--temperature and --label-weight are for a classifier and its classifier --teacher")
+        if temperature is not None or label_weight is not None or reassign_codes:
+            raise InputError("--temperature, --label-weight and --reassign-codes are for a classifier")
         from ._hf import finetune_distill
 
         if data is None:
@@ -131,6 +138,8 @@ def finetune(
         return
     if model is not None and data is not None and families.detect(model).measures == families.ENCODER:
         # an encoder learns labels through a new sequence-classification head
+        if reassign_codes:
+            raise InputError("--reassign-codes is for a classifier")
         from ._hf import finetune_labels
 
         finetune_labels(model, data, dev, output, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
@@ -154,7 +163,8 @@ def finetune(
     report, main_process = run_training(
         lambda on_step, on_epoch: finetune_classifier(model, data, dev, out, config=config, force=force, resume=resume,
                                                       on_step=on_step, on_epoch=on_epoch, teacher=teacher,
-                                                      label_weight=label_weight, **distil_options),
+                                                      label_weight=label_weight, reassign_codes=reassign_codes,
+                                                      **distil_options),
         show=not json,
     )
     if not main_process:

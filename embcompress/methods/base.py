@@ -101,6 +101,7 @@ class Table(nn.Module):
     """
 
     method: ClassVar[str] = ""
+    trains_codes: ClassVar[bool] = False  # code_training gives a module: recovery can re-assign its codes
 
     num_embeddings: int
     embedding_dim: int
@@ -116,6 +117,14 @@ class Table(nn.Module):
     def recoverable(self) -> list[nn.Parameter]:
         """The parameters recovery may train (all floating parameters by default)."""
         return [p for p in self.parameters() if p.is_floating_point()]
+
+    def code_training(self, start: torch.Tensor | None = None,
+                      counts: torch.Tensor | None = None) -> CodeTraining | None:
+        """A module that trains this table's codes too, where its method stores codes (None otherwise): recovery
+        trains a float copy of the table (``start``, V x d, by default the decoded table), each row read through
+        its nearest codes (a straight-through estimate), and ``CodeTraining.table()`` is the table again.
+        ``counts`` (per row, from the training texts) weight the rows where the method re-fits what codes index."""
+        return None
 
     def config(self) -> Config:
         """The options this table was encoded with."""
@@ -280,6 +289,23 @@ def registered(kind: str | None = None) -> list[Method]:
 
 
 # --- a dense table kept in a storage ---------------------------------------------------------------------------
+
+
+class CodeTraining(nn.Module):
+    """A table in recovery whose codes move with a trained float copy of it (``Table.code_training``).
+
+    ``penalty`` (set by each forward) pulls the rows toward the codes they are read through; ``step()`` runs
+    after every optimizer step (re-fitting what the codes index, every so often); ``table()`` is the table with
+    each row's codes re-assigned, in the bytes of the table it started from."""
+
+    penalty: torch.Tensor | float = 0.0
+    penalty_weight: float = 1.0  # its weight in the training loss
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def table(self) -> Table:
+        raise NotImplementedError
 
 
 class StoredTable(Table):

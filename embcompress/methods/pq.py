@@ -36,7 +36,17 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from .base import FLOAT32_BYTES, STRUCTURE, BudgetError, Config, Context, Method, Table, register
+from .base import (
+    FLOAT32_BYTES,
+    STRUCTURE,
+    BudgetError,
+    CodeTraining,
+    Config,
+    Context,
+    Method,
+    Table,
+    register,
+)
 
 MAX_CENTROIDS = 256  # one byte a code
 UNSEEN_COUNT = 0.1  # the count a never-seen row is weighted as
@@ -422,6 +432,7 @@ class PQTable(Table):
     """A product-quantized table: ``codes`` (V x M uint8 buffer) index ``codebooks`` (M x K x S float parameter)."""
 
     method = "pq"
+    trains_codes = True
 
     def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, config: PQConfig,
                  padding_idx: int | None = None) -> None:
@@ -487,6 +498,88 @@ class PQTable(Table):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, subvector={self.subvector}, centroids={self.centroids}"
+
+    def code_training(self, start: torch.Tensor | None = None,
+                      counts: torch.Tensor | None = None) -> PQCodeTraining:
+        return PQCodeTraining(self, start, counts)
+
+
+REFIT_EVERY = 50  # optimizer steps between two re-fits of the codebooks during code training
+REFIT_ITERATIONS = 3  # Lloyd iterations of each re-fit
+
+
+class PQCodeTraining(CodeTraining):
+    """A pq table whose codes are trained: a float copy of the table (``weight``) is what the optimizer moves;
+    each looked-up row is read through its nearest centroids (straight-through: the gradient reaches the row), so
+    a row whose training carries it across a cell boundary changes code; every ``REFIT_EVERY`` steps the codebooks
+    are re-fitted to the rows they hold (a few Lloyd iterations; rows weighted by ``row_weights(counts)`` where the
+    table was encoded weighted). As in VQ-VAE (van den Oord et al., 2017), ``penalty`` is the mean squared distance
+    of the looked-up rows to their centroids."""
+
+    def __init__(self, table: PQTable, start: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None) -> None:
+        super().__init__()
+        start = table.dense_weight() if start is None else start
+        if tuple(start.shape) != (table.num_embeddings, table.embedding_dim):
+            raise InputError(f"code training starts from a {tuple(start.shape)} table, the pq table is "
+                             f"{table.num_embeddings} x {table.embedding_dim}")
+        self._config, self.padding_idx = table.config(), table.padding_idx
+        self.num_embeddings, self.embedding_dim = table.num_embeddings, table.embedding_dim
+        self.shape = (table.subspaces, table.centroids, table.subvector)
+        self.weight = nn.Parameter(start.detach().to("cpu", torch.float32).clone())  # recovery moves the module
+        self.register_buffer("codebooks", table.codebooks.detach().to(torch.float32).clone())
+        weights = row_weights(counts, table.num_embeddings) if self._config.weighted else None
+        self.register_buffer("row_weights", torch.ones(table.num_embeddings) if weights is None else weights)
+        self._info, self._steps = dict(table.info()), 0
+        self.refit()
+
+    def _books(self) -> torch.Tensor:
+        """The codebooks as they will be stored (``codebook_dtype``), so training reads what the file will hold."""
+        return rounded(self.codebooks, float_dtype(self._config.codebook_dtype, "pq codebook_dtype"))
+
+    def _read(self, w: torch.Tensor) -> torch.Tensor:
+        """Each row of w through its nearest centroids (no gradient)."""
+        m, k, s = self.shape
+        books = self._books()
+        a = assign(w.detach().reshape(-1, m, s).transpose(0, 1), books)  # (M, n)
+        q = torch.gather(books, 1, a.unsqueeze(-1).expand(m, a.shape[1], s))  # (M, n, S)
+        return q.transpose(0, 1).reshape(w.shape)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = nn.functional.embedding(ids.reshape(-1), self.weight)
+        q = self._read(w)
+        self.penalty = ((w - q) ** 2).mean()
+        out = (q + (w - w.detach())).reshape(*ids.shape, self.embedding_dim)  # the value q, the gradient to w
+        if self._config.zero_padding and self.padding_idx is not None:
+            out = out * (ids != self.padding_idx).unsqueeze(-1).to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def refit(self) -> None:
+        """Lloyd iterations on the codebooks from where they are (an empty cell keeps its centroid)."""
+        m, k, s = self.shape
+        x = self.weight.detach().reshape(-1, m, s).transpose(0, 1)  # (M, V, S)
+        device = x.device
+        wx, offsets = x * self.row_weights.view(1, -1, 1), (torch.arange(m, device=device) * k).unsqueeze(1)
+        for _ in range(REFIT_ITERATIONS):
+            flat = (assign(x, self.codebooks) + offsets).reshape(-1)
+            sums = torch.zeros(m * k, s, device=device).index_add_(0, flat, wx.reshape(-1, s))
+            mass = torch.zeros(m * k, device=device).index_add_(0, flat, self.row_weights.expand(m, -1).reshape(-1))
+            books = self.codebooks.reshape(m * k, s)
+            held = mass > 0
+            books[held] = sums[held] / mass[held].unsqueeze(1)
+
+    def step(self) -> None:
+        self._steps += 1
+        if self._steps % REFIT_EVERY == 0:
+            self.refit()
+
+    def table(self) -> PQTable:
+        books = self._books().cpu()
+        table = PQTable(encode_rows(self.weight.detach().cpu(), books), books, self._config, self.padding_idx)
+        table._info = {k: v for k, v in self._info.items() if k != "rel_error"}  # it measured the first codes
+        table._info["codes_trained"] = True
+        return table
 
 
 def encode_pq(w: torch.Tensor, config: PQConfig, context: Context | None = None, *,

@@ -31,6 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..data import EncodedDataset, collate, iter_batches
 from ..device import is_distributed, resolve_device
 from ..errors import InputError
+from ..methods.base import CodeTraining
 from ..recover.loop import (
     AMP_MODES,
     OPTIMIZERS,
@@ -236,7 +237,8 @@ def fit(
     weights as given) makes the starting point a candidate, epoch 0: fine-tuning then never returns weights that
     are worse on dev than the ones it started from. A compressed table trains only what its method allows
     (``recover.loop.recoverable_parameters``), and one kept in a storage stays in it. ``distillation`` trains
-    toward a teacher's logits for ``train_ds`` (see ``Distillation``) instead of the labels alone.
+    toward a teacher's logits for ``train_ds`` (see ``Distillation``) instead of the labels alone. A table swapped
+    for its ``CodeTraining`` module adds its penalty to the loss and takes a ``step()`` after every optimizer step.
     """
     config.validate()
     if len(train_ds) == 0:
@@ -261,17 +263,29 @@ def fit(
         for batch in loader:
             yield batch.to(device, non_blocking=True), len(batch)
 
+    codes = [m for m in model.modules() if isinstance(m, CodeTraining)]
+
     def loss(batch) -> torch.Tensor:
         logits = model(batch.ids, batch.lengths).float()
         if distillation is None:
-            return F.cross_entropy(logits, batch.labels)
-        return distillation.loss(logits, batch.labels, labels.to(logits.device)[batch.labels])
+            out = F.cross_entropy(logits, batch.labels)
+        else:
+            out = distillation.loss(logits, batch.labels, labels.to(logits.device)[batch.labels])
+        return out + sum(m.penalty_weight * m.penalty for m in codes)
+
+    def stepped(epoch: int, step: int, steps: int, value: float) -> None:
+        for m in codes:
+            m.step()
+        if on_step:
+            on_step(epoch, step, steps, value)
 
     def score() -> tuple[float, float]:
         result = evaluate(model, dev_ds, device, config.eval_batch_size, max_len=config.max_len)
         return result.accuracy, result.macro_f1
 
-    signature = {"train_size": len(train_ds), **(distillation.signature() if distillation else {})}
+    trained_codes = sorted(n for n, m in model.named_modules() if isinstance(m, CodeTraining)) or None
+    signature = {"train_size": len(train_ds), "codes_trained": trained_codes,
+                 **(distillation.signature() if distillation else {})}
     return run(model, loss, batches, len(loader), config, score=score if dev_ds is not None else None,
-               signature=signature, on_step=on_step, on_epoch=on_epoch, state=state,
+               signature=signature, on_step=stepped if codes else on_step, on_epoch=on_epoch, state=state,
                start_score=start_dev_accuracy)

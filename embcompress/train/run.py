@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import core
 from ..checkpoint import check_finite_tensors, check_output
 from ..classifier import Classifier, load_classifier, num_parameters, save_classifier
 from ..data import JSONL_SUFFIXES, EncodedDataset, LabelSet, Vocab, encode_texts, load_vectors, read_jsonl, read_texts
 from ..errors import InputError, Interrupted
+from ..methods.base import Table, registered
 from ..models import build_model, init_embedding
 from ..modules import compress_embeddings, factorized_shapes
 from ..recover.resume import load_resume as _load_resume
@@ -92,6 +94,7 @@ def _fit_and_save(
     on_epoch: Callable[[EpochRecord], None] | None,
     train_ds: EncodedDataset | None = None,
     distillation: Distillation | None = None,
+    swap: Callable[[], dict[str, nn.Module]] | None = None,
 ) -> TrainReport:
     train_ds = train_ds if train_ds is not None else clf.encode(read_jsonl(train_path), config.max_len)
     dev_ds = clf.encode(read_jsonl(dev_path), config.max_len) if dev_path is not None else None
@@ -104,6 +107,7 @@ def _fit_and_save(
     elif state:
         dev_before = state.get("dev_before")
 
+    swapped = swap() if swap is not None else {}  # after dev_before: that scores the model as given
     saving = [resume]  # whether the resume state on disk belongs to this run
 
     def epoch_done(record: EpochRecord) -> None:
@@ -116,6 +120,8 @@ def _fit_and_save(
     try:
         result = fit(clf.model, train_ds, dev_ds, config, on_step=on_step, on_epoch=epoch_done, state=state,
                      start_dev_accuracy=dev_before if phase == "finetune" else None, distillation=distillation)
+        # tables whose codes were trained back to their stored form; the model as given, where it won on dev
+        core.settle_codes_(clf.model, keep=swapped if result.best_epoch == 0 else None)
         clf.history = clf.history + [{"phase": phase, **r.to_dict()} for r in result.history]
         if is_main_process():
             save_classifier(clf, output, inputs=inputs, force=force, op=phase, options=options)
@@ -206,6 +212,7 @@ def finetune_classifier(
     teacher: str | os.PathLike[str] | None = None,
     temperature: float = 2.0,
     label_weight: float | None = None,
+    reassign_codes: bool = False,
 ) -> TrainReport:
     """Continue training a (factorized or any) classifier; factorized tables keep their shapes, so the model stays
     small. Reports dev accuracy before and after. With a dev set the starting model competes as epoch 0: when no
@@ -215,7 +222,12 @@ def finetune_classifier(
     teacher's predictions on the training texts, softened at ``temperature``, mixed with the labels at
     ``label_weight``: 0.5 by default for labelled JSON Lines, 0 for plain texts (``.txt``, one a line), which then
     need no labels. The teacher reads the texts with its own vocabulary, so a trimmed model can learn from its
-    original."""
+    original.
+
+    ``reassign_codes`` also trains the codes of a table that stores them (pq): a float copy of the table (the
+    teacher's table where it has the model's vocabulary, else the decoded one) is trained, each row read through
+    its nearest codes, the codebooks re-fitted to the rows they hold as it goes (rows weighted by their counts in
+    the training texts); the file keeps its bytes."""
     config = config or TrainConfig(**FINETUNE_DEFAULTS)
     config.validate()
     src, train_path, out = Path(model_path), Path(train_path), Path(output)
@@ -244,13 +256,50 @@ def finetune_classifier(
         seen = EncodedDataset(encode_texts(texts, teach.vocab, max_len=config.max_len), [0] * len(texts))
         logits = predict_logits(teach.model.to(device), seen, device, config.eval_batch_size)
         distillation = Distillation(logits, temperature, weight)
+    swap = None
+    if reassign_codes:
+        if train_ds is None:
+            train_ds = clf.encode(read_jsonl(train_path), config.max_len)
+        swap = _code_training(clf, teach if teacher is not None else None, train_ds)
     options = {"model": str(src), "train": str(train_path), "dev": str(dev) if dev else None, **config.to_dict()}
     if teacher is not None:
         options.update(teacher=str(teacher), temperature=temperature, label_weight=weight)
+    if reassign_codes:
+        options["reassign_codes"] = True
     clf.train = {**clf.train, "finetune": options}
     return _fit_and_save(clf, train_path, dev, config, out, inputs=inputs, force=force or resume, resume=resume,
                          phase="finetune", options=options, on_step=on_step, on_epoch=on_epoch, train_ds=train_ds,
-                         distillation=distillation)
+                         distillation=distillation, swap=swap)
+
+
+def _code_training(clf: Classifier, teacher: Classifier | None,
+                   train_ds: EncodedDataset) -> Callable[[], dict[str, nn.Module]]:
+    """What swaps the model's tables that store codes for their code-training modules (``core.train_codes_``),
+    starting from the teacher's table where the teacher has the model's vocabulary, with each row's count in the
+    training texts, and returns the tables it swapped out; refused now when no table stores codes."""
+    tables = core.tables_of(clf.model)
+    if not any(t.trains_codes for t in tables.values()):
+        kinds = ", ".join(sorted({t.method for t in tables.values()})) or "none: its table is dense"
+        coded = ", ".join(m.name for m in registered() if getattr(m.table, "trains_codes", False))
+        raise InputError(f"--reassign-codes trains the codes of a table that stores codes ({coded}); this model's "
+                         f"compressed tables: {kinds}")
+    starts = {}
+    if teacher is not None and teacher.vocab == clf.vocab:
+        theirs = dict(teacher.model.named_modules())
+        for name in tables:
+            mod = theirs.get(name)
+            if isinstance(mod, nn.Embedding):
+                starts[name] = mod.weight.detach()
+            elif isinstance(mod, Table):
+                starts[name] = mod.dense_weight().detach()
+    ids = torch.cat(train_ds.sequences) if len(train_ds) else torch.zeros(0, dtype=torch.long)
+    counts = {name: torch.bincount(ids, minlength=t.num_embeddings)[: t.num_embeddings].float()
+              for name, t in tables.items()}
+
+    def swap() -> dict[str, nn.Module]:
+        return {name: tables[name] for name in core.train_codes_(clf.model, starts, counts)}
+
+    return swap
 
 
 def _label_weight(train_path: Path, weight: float | None) -> float:

@@ -75,6 +75,18 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, data) -> None:
     assert not list(tmp_path.glob("*.resume.pt"))
 
 
+def test_finetune_reassigns_pq_codes(capsys, tmp_path: Path, data) -> None:
+    train, dev = data
+    assert main(["train", "--data", str(train), "--dev", str(dev), "-o", "m.safetensors", *FAST]) == 0
+    assert main(["compress", "m.safetensors", "--method", "pq", "--subvector", "2", "--centroids", "8",
+                 "-o", "m.pq.safetensors"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "m.pq.safetensors", "--teacher", "m.safetensors", "--data", str(train),
+                 "--reassign-codes", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"]["reassign_codes"] is True and report["table"] == "pq"
+
+
 def test_finetune_with_a_classifier_teacher(capsys, tmp_path: Path, data) -> None:
     train, dev = data
     assert main(["train", "--data", str(train), "--dev", str(dev), "-o", "m.safetensors", *FAST]) == 0
@@ -94,6 +106,7 @@ def test_finetune_with_a_classifier_teacher(capsys, tmp_path: Path, data) -> Non
     [
         (["--label-weight", "0.3"], "need a classifier --teacher"),
         (["--teacher", "m.safetensors", "--label-weight", "2"], "label weight must be in [0, 1]"),
+        (["--reassign-codes"], "trains the codes of a table that stores codes (pq)"),
     ],
 )
 def test_finetune_teacher_options_are_one_line(capsys, tmp_path: Path, data, args: list[str], message: str) -> None:

@@ -239,3 +239,61 @@ def test_fused_kernel_agrees_with_matmul() -> None:
     fused = pq.assign(x, c, pq._nearest_fused)
     assert torch.equal(eager, fused)
     assert torch.equal(eager, torch.cdist(x, c).argmin(-1))
+
+
+def test_code_training_reads_what_the_file_will_hold() -> None:
+    w = _table()
+    table = _encode(w, centroids=16)
+    training = table.code_training(w)
+    ids = torch.tensor([[1, 5, 9], [2, 2, 599]])
+    out = training(ids)
+    assert torch.equal(out, training.table()(ids))  # the forward reads the codes and fp16 codebooks it will store
+    assert float(training.penalty.detach()) > 0  # w is not on its centroids
+    out.sum().backward()  # straight through: the float rows get the gradient of their codes' rows
+    assert training.weight.grad is not None and training.weight.grad[[1, 2, 5, 9, 599]].abs().sum() > 0
+    assert training.weight.grad[0].abs().sum() == 0
+
+
+def test_code_training_reassigns_codes_in_the_same_bytes() -> None:
+    w = _table()
+    table = _encode(w, centroids=16)
+    moved = w.clone()
+    moved[:50] = _table(seed=3)[:50]  # rows that training carried elsewhere
+    training = table.code_training(moved)
+    again = training.table()
+    before, after = table.tensors(), again.tensors()
+    assert {k: (v.shape, v.dtype) for k, v in before.items()} == {k: (v.shape, v.dtype) for k, v in after.items()}
+    assert not torch.equal(after["codes"][:50], before["codes"][:50])
+    # the re-fitted codebooks serve the moved rows better than the first codes do
+    assert (again.dense_weight() - moved).norm() < (table.dense_weight() - moved).norm()
+    assert again.config() == table.config() and again.info()["codes_trained"] is True
+    loaded = pq.PQTable.from_tensors(load(save(after)), _entry(again))
+    assert torch.equal(loaded.dense_weight(), again.dense_weight())
+
+
+def test_code_training_refits_its_codebooks_every_few_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pq, "REFIT_EVERY", 2)
+    table = _encode(_table(), centroids=16)
+    training = table.code_training()
+    with torch.no_grad():
+        training.weight.mul_(1.5)
+    books = training.codebooks.clone()
+    training.step()
+    assert torch.equal(training.codebooks, books)
+    training.step()
+    assert not torch.equal(training.codebooks, books)
+
+
+def test_code_training_start_must_match_the_table() -> None:
+    table = _encode(_table(), centroids=16)
+    with pytest.raises(InputError, match=r"starts from a \(600, 16\) table"):
+        table.code_training(torch.zeros(600, 16))
+
+
+def test_code_training_keeps_the_padding_row_zero() -> None:
+    w = _table()
+    w[0] = 0.0
+    table = _encode(w, padding_idx=0, centroids=16)
+    training = table.code_training(_table(seed=4))
+    assert torch.equal(training(torch.tensor([0]))[0], torch.zeros(32))
+    assert training.table().padding_idx == 0

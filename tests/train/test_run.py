@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from embcompress import factorize
+from embcompress.methods.pq import PQTable
+from embcompress.ops.compress import compress
 from embcompress.classifier import load_classifier
 from embcompress.errors import DataError, InputError, OutputError
 from embcompress.modules import FactorizedEmbedding
@@ -147,8 +149,72 @@ def test_finetune_teacher_refusals_write_nothing(tmp_path: Path, data) -> None:
         (dict(teacher=teacher, label_weight=0.5), texts, "plain texts carry no labels"),
         (dict(teacher=teacher, label_weight=1.5), train, "label weight must be in"),
         (dict(teacher=teacher, temperature=0.0), train, "temperature must be positive"),
+        (dict(teacher=teacher, reassign_codes=True), train, r"a table that stores codes \(pq\); this model"),
     ]
     for kwargs, data_path, message in cases:
         with pytest.raises(InputError, match=message):
             finetune_classifier(teacher, data_path, None, out, config=TrainConfig(epochs=1, **FAST), **kwargs)
         assert not out.exists() and not resume_path(out).exists()
+
+
+def _codes(path: Path | str) -> dict[str, torch.Tensor]:
+    table = load_classifier(path).model.embedding
+    assert isinstance(table, PQTable)
+    return table.tensors()
+
+
+def test_finetune_reassigns_pq_codes_in_the_same_bytes(tmp_path: Path, data) -> None:
+    train, dev = data
+    teacher = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=16,
+                               config=TrainConfig(epochs=8, **FAST)).output
+    small = compress(teacher, "pq", options={"subvector": 4, "centroids": 8}, output=tmp_path / "pq.safetensors")
+    before = _codes(small.output)
+    plain = finetune_classifier(small.output, train, None, tmp_path / "ft.safetensors", teacher=teacher,
+                                config=TrainConfig(epochs=3, **FAST))
+    moved = finetune_classifier(small.output, train, None, tmp_path / "rc.safetensors", teacher=teacher,
+                                reassign_codes=True, config=TrainConfig(epochs=3, **FAST))
+    assert moved.options["reassign_codes"] is True and "reassign_codes" not in plain.options
+    assert torch.equal(_codes(plain.output)["codes"], before["codes"])  # without it the codes stay
+    after = _codes(moved.output)
+    assert {k: (v.shape, v.dtype) for k, v in after.items()} == {k: (v.shape, v.dtype) for k, v in before.items()}
+    assert not torch.equal(after["codes"], before["codes"])
+    assert load_classifier(moved.output).model.embedding.info()["codes_trained"] is True
+    assert _agreement(moved.output, teacher, train) >= 0.9
+
+
+def test_finetune_reassigning_codes_keeps_the_given_table_when_the_start_wins(tmp_path: Path, data) -> None:
+    train, dev = data
+    teacher = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=16,
+                               config=TrainConfig(epochs=8, **FAST)).output
+    small = compress(teacher, "pq", options={"subvector": 4, "centroids": 8}, output=tmp_path / "pq.safetensors")
+    ft = finetune_classifier(small.output, train, dev, tmp_path / "rc.safetensors", teacher=teacher,
+                             reassign_codes=True,
+                             config=TrainConfig(epochs=1, batch_size=16, lr=50.0, optimizer="sgd", device="cpu"))
+    assert ft.best_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(_codes(small.output).values(), _codes(ft.output).values()))
+
+
+def test_finetune_reassigning_codes_resumes_and_a_resume_must_ask_for_it_again(tmp_path: Path, data) -> None:
+    train, dev = data
+    teacher = train_classifier(train, dev, tmp_path / "m.safetensors", embed_dim=16,
+                               config=TrainConfig(epochs=4, **FAST)).output
+    small = compress(teacher, "pq", options={"subvector": 4, "centroids": 8}, output=tmp_path / "pq.safetensors")
+    out, config = tmp_path / "rc.safetensors", TrainConfig(epochs=2, **FAST)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(rec):
+        raise Stop
+
+    with pytest.raises(Stop):
+        finetune_classifier(small.output, train, dev, out, teacher=teacher, reassign_codes=True, config=config,
+                            on_epoch=interrupt)
+    assert resume_path(out).exists() and not out.exists()
+    with pytest.raises(InputError, match="codes_trained"):
+        finetune_classifier(small.output, train, dev, out, teacher=teacher, config=config, resume=True)
+    assert resume_path(out).exists() and not out.exists()
+    resumed = finetune_classifier(small.output, train, dev, out, teacher=teacher, reassign_codes=True, config=config,
+                                  resume=True)
+    assert resumed.resumed_from_epoch == 1 and isinstance(load_classifier(out).model.embedding, PQTable)
+    assert not resume_path(out).exists()
