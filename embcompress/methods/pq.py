@@ -211,7 +211,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, kernel: Any = None) -> torc
     k = centroids.shape[1]
     kernel = kernel or _nearest_fn(m * n * k)
     step = _block_rows(m, k)
-    out = torch.empty(m, n, dtype=torch.int64)
+    out = torch.empty(m, n, dtype=torch.int64, device=x.device)
     blocks = ((i, x[:, i : i + step]) for i in range(0, n, step))
     for i, a in _nearest_blocks(blocks, n, centroids, kernel):
         out[:, i : i + a.shape[1]] = a
