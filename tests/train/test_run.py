@@ -180,6 +180,11 @@ def test_finetune_reassigns_pq_codes_in_the_same_bytes(tmp_path: Path, data) -> 
     assert not torch.equal(after["codes"], before["codes"])
     assert load_classifier(moved.output).model.embedding.info()["codes_trained"] is True
     assert _agreement(moved.output, teacher, train) >= 0.9
+    # labels only: from the decoded table, whose rows sit on their centroids until training carries them off
+    alone = finetune_classifier(small.output, train, None, tmp_path / "alone.safetensors", reassign_codes=True,
+                                config=TrainConfig(epochs=3, **{**FAST, "lr": 0.1}))
+    assert "teacher" not in alone.options
+    assert not torch.equal(_codes(alone.output)["codes"], before["codes"])
 
 
 def test_finetune_reassigning_codes_keeps_the_given_table_when_the_start_wins(tmp_path: Path, data) -> None:
