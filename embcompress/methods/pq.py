@@ -253,19 +253,28 @@ def _kmeans_pp(x: torch.Tensor, weights: torch.Tensor | None, k: int, generator:
     return seeds
 
 
+def cell_means(x: torch.Tensor, a: torch.Tensor, weights: torch.Tensor | None,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Lloyd update in every subspace at once: x (M, n, S) points, a (M, n) their cells, weights (n,) or None ->
+    (each cell's weighted mean (M, k, S), its mass (M, k)); a cell that holds nothing has mean 0 and mass 0."""
+    m, n, s = x.shape
+    w = torch.ones(n, device=x.device) if weights is None else weights
+    flat = (a + (torch.arange(m, device=x.device) * k).unsqueeze(1)).reshape(-1)
+    sums = torch.zeros(m * k, s, device=x.device).index_add_(0, flat, (x * w.view(1, n, 1)).reshape(-1, s))
+    mass = torch.zeros(m * k, device=x.device).index_add_(0, flat, w.expand(m, n).reshape(-1))
+    return (sums / mass.clamp(min=1e-30).unsqueeze(1)).view(m, k, s), mass.view(m, k)
+
+
 def kmeans_torch(x: torch.Tensor, weights: torch.Tensor | None, k: int, iterations: int,
                  generator: torch.Generator) -> torch.Tensor:
     """Weighted k-means in every subspace at once: x (M, n, S) float32 -> centroids (M, k, S).
 
     k-means++ seeds from a subsample of at most 8 k points, then Lloyd iterations on all points; an empty cluster
     is moved to a random point of its subspace. Stops early when no assignment changes."""
-    m, n, s = x.shape
+    m, n, _ = x.shape
     seed_n = min(n, _SEED_PER_CENTROID * k)
     sub = torch.randperm(n, generator=generator)[:seed_n] if seed_n < n else torch.arange(n)
     c = _kmeans_pp(x[:, sub], None if weights is None else weights[sub], k, generator)
-    offsets = (torch.arange(m) * k).unsqueeze(1)
-    wx = x if weights is None else x * weights.view(1, n, 1)
-    wm = torch.ones(m, n) if weights is None else weights.expand(m, n)
     kernel = _nearest_fn(iterations * m * n * k)
     previous = None
     for _ in range(iterations):
@@ -273,11 +282,8 @@ def kmeans_torch(x: torch.Tensor, weights: torch.Tensor | None, k: int, iteratio
         if previous is not None and torch.equal(a, previous):
             break
         previous = a
-        flat = (a + offsets).reshape(-1)
-        sums = torch.zeros(m * k, s).index_add_(0, flat, wx.reshape(-1, s))
-        mass = torch.zeros(m * k).index_add_(0, flat, wm.reshape(-1))
-        empty = (mass <= 0).view(m, k)
-        c = (sums / mass.clamp(min=1e-30).unsqueeze(1)).view(m, k, s)
+        c, mass = cell_means(x, a, weights, k)
+        empty = mass <= 0
         if bool(empty.any()):
             pick = torch.randint(0, n, (m, k), generator=generator)
             c = torch.where(empty.unsqueeze(-1), x[torch.arange(m).unsqueeze(1), pick], c)
@@ -559,15 +565,10 @@ class PQCodeTraining(CodeTraining):
         """Lloyd iterations on the codebooks from where they are (an empty cell keeps its centroid)."""
         m, k, s = self.shape
         x = self.weight.detach().reshape(-1, m, s).transpose(0, 1)  # (M, V, S)
-        device = x.device
-        wx, offsets = x * self.row_weights.view(1, -1, 1), (torch.arange(m, device=device) * k).unsqueeze(1)
         for _ in range(REFIT_ITERATIONS):
-            flat = (assign(x, self.codebooks) + offsets).reshape(-1)
-            sums = torch.zeros(m * k, s, device=device).index_add_(0, flat, wx.reshape(-1, s))
-            mass = torch.zeros(m * k, device=device).index_add_(0, flat, self.row_weights.expand(m, -1).reshape(-1))
-            books = self.codebooks.reshape(m * k, s)
+            means, mass = cell_means(x, assign(x, self.codebooks), self.row_weights, k)
             held = mass > 0
-            books[held] = sums[held] / mass[held].unsqueeze(1)
+            self.codebooks[held] = means[held]
 
     def step(self) -> None:
         self._steps += 1
