@@ -437,8 +437,7 @@ def classifier_seed(job: dict[str, Any], name: str, seed: int, chosen: dict[str,
         if hit is None and trains_codes(src):  # its codes move too, toward the uncompressed model and the labels
             rs = finetune_run(name, src, files, work / f"{name}.s{seed}.{key.replace('/', '_')}.rc.safetensors",
                               f"{key} codes re-assigned",
-                              train_config(settings, epochs=REASSIGN["epochs"], lr=REASSIGN["lr"], optimizer="adam",
-                                           schedule=REASSIGN["schedule"], seed=seed),
+                              reassign_config(settings, seed),
                               teacher=dense, label_weight=REASSIGN["label_weight"], reassign_codes=True)
             hit = cache.put(f"s{seed}/{key}/reassigned", {"reassigned": rs["test_accuracy"],
                                                           "dev_reassigned": rs["dev_accuracy"],
@@ -450,8 +449,7 @@ def classifier_seed(job: dict[str, Any], name: str, seed: int, chosen: dict[str,
         if hit is None or hit.get("reassign_settings") != REASSIGN:
             rs = finetune_run(name, dense, files, work / f"{name}.s{seed}.dense.recipe.safetensors",
                               "uncompressed, the re-assignment's recipe",
-                              train_config(settings, epochs=REASSIGN["epochs"], lr=REASSIGN["lr"], optimizer="adam",
-                                           schedule=REASSIGN["schedule"], seed=seed),
+                              reassign_config(settings, seed),
                               teacher=dense, label_weight=REASSIGN["label_weight"])
             hit = cache.put(f"s{seed}/dense/recipe", {"test_accuracy": rs["test_accuracy"],
                                                       "dev_accuracy": rs["dev_accuracy"],
@@ -460,6 +458,12 @@ def classifier_seed(job: dict[str, Any], name: str, seed: int, chosen: dict[str,
     runs["points"] = points
     runs["shape"] = list(table_shape(dense))
     return runs
+
+
+def reassign_config(settings: dict[str, Any], seed: int) -> Any:
+    """The training settings of the code re-assignment's recipe (also given to the uncompressed reference)."""
+    return train_config(settings, epochs=REASSIGN["epochs"], lr=REASSIGN["lr"], optimizer="adam",
+                        schedule=REASSIGN["schedule"], seed=seed)
 
 
 def trains_codes(path: Path) -> bool:
